@@ -46,13 +46,22 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; expected one of {KINDS}")
+            raise ValueError(
+                f"task {self.name!r}: unknown kind {self.kind!r}; "
+                f"expected one of {KINDS}"
+            )
         if self.channels < 1:
-            raise ValueError(f"task {self.name!r}: channels must be >= 1, got {self.channels}")
+            raise ValueError(
+                f"task {self.name!r}: channels must be >= 1, got {self.channels}"
+            )
         if self.kind == "depth" and self.channels != 1:
-            raise ValueError(f"task {self.name!r}: a depth task has 1 channel, got {self.channels}")
+            raise ValueError(
+                f"task {self.name!r}: a depth task has 1 channel, got {self.channels}"
+            )
         if self.kind == "normal" and self.channels != 3:
-            raise ValueError(f"task {self.name!r}: a normal task has 3 channels, got {self.channels}")
+            raise ValueError(
+                f"task {self.name!r}: a normal task has 3 channels, got {self.channels}"
+            )
 
     @property
     def dense(self) -> bool:
