@@ -153,6 +153,28 @@ def test_normals_match_sdf_gradient(scenes, rendered):
             assert np.mean(cos > 1 - 1e-4) > 0.97, (i, o.shape)
 
 
+def test_image_is_lambertian_shading_of_the_albedo(scenes, rendered):
+    """Object pixels: colour * (ambient + (1 - ambient) max(0, n . light))."""
+    ambient = 0.25
+    for i, scene in enumerate(scenes):
+        right, down, fwd = camera_axes(scene.camera)
+        world_n = rendered["normal"][i] @ np.stack([right, down, fwd])
+        shade = ambient + (1 - ambient) * np.maximum(world_n @ np.array(scene.light), 0)
+        oid = rendered["object_id"][i]
+        for k, o in enumerate(scene.objects):
+            m = oid == k
+            expected = np.array(o.colour) * shade[m][:, None]
+            np.testing.assert_allclose(rendered["image"][i][m], expected, atol=1e-5)
+        # the background albedo is its colour times a texture factor in [1 - 2a, 1]
+        seg = rendered["segmentation"][i]
+        for cls, colour in ((0, scene.floor_colour), (1, scene.wall_colour)):
+            m = seg == cls
+            factor = rendered["image"][i][m] / (np.array(colour) * shade[m][:, None])
+            assert np.ptp(factor, axis=-1).max() < 1e-4  # same factor in R, G, B
+            assert factor.min() > 1 - 2 * scene.texture_amp - 1e-4
+            assert factor.max() < 1 + 1e-4
+
+
 def sphere_trace(scene, rays):
     """First hit of each ray by sphere tracing the scene's SDF (float64 oracle).
 

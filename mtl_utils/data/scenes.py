@@ -227,25 +227,19 @@ def _render_chunk(scenes: list[Scene], h: int, w: int) -> dict[str, np.ndarray]:
     n, dt = len(scenes), np.float32
     cams = [s.camera for s in scenes]
     right, down, fwd = _camera_axes(cams)
-    focal = np.array([c.focal for c in cams])[:, None]
-    u = ((np.arange(w) + 0.5) - w / 2) / (w / 2)
-    v = ((np.arange(h) + 0.5) - h / 2) / (w / 2)
-    uu = (u[None, None, :] - np.array([c.cx for c in cams])[:, None, None]) / focal[
-        ..., None
-    ]
-    vv = (v[None, :, None] - np.array([c.cy for c in cams])[:, None, None]) / focal[
-        ..., None
-    ]
-    uu = np.broadcast_to(uu, (n, h, w)).reshape(n, -1)
-    vv = np.broadcast_to(vv, (n, h, w)).reshape(n, -1)
+    focal = np.array([c.focal for c in cams], dt)[:, None, None]
+    u = (((np.arange(w) + 0.5) - w / 2) / (w / 2)).astype(dt)
+    v = (((np.arange(h) + 0.5) - h / 2) / (w / 2)).astype(dt)
+    uu = (u[None, None, :] - np.array([c.cx for c in cams], dt)[:, None, None]) / focal
+    vv = (v[None, :, None] - np.array([c.cy for c in cams], dt)[:, None, None]) / focal
     # World ray direction of every pixel (N, P); its camera-z component is 1, so the
     # ray parameter t of a hit IS its depth.
+    right, down, fwd = (a.astype(dt)[:, :, None, None] for a in (right, down, fwd))
     d = [
-        (uu * right[:, a : a + 1] + vv * down[:, a : a + 1] + fwd[:, a : a + 1]).astype(
-            dt
-        )
+        (uu * right[:, a] + vv * down[:, a] + fwd[:, a]).reshape(n, h * w)
         for a in range(3)
     ]
+    right, down, fwd = (a[:, :, 0, 0] for a in (right, down, fwd))
     oy = np.array([c.height for c in cams], dt)[:, None]
     inf = dt(np.inf)
 
@@ -270,9 +264,10 @@ def _render_chunk(scenes: list[Scene], h: int, w: int) -> dict[str, np.ndarray]:
     amp = np.array([s.texture_amp for s in scenes], dt)[:, None]
     tex = np.cos(freq * (px - off)) * np.cos(freq * np.where(floor_hit, pz, py))
     tex = 1 - amp + amp * tex
-    floor_c = np.array([s.floor_colour for s in scenes], dt)[:, None, :]
-    wall_c = np.array([s.wall_colour for s in scenes], dt)[:, None, :]
-    albedo = np.where(floor_hit[..., None], floor_c, wall_c) * tex[..., None]
+    floor_c = np.array([s.floor_colour for s in scenes], dt).T[:, :, None]
+    wall_c = np.array([s.wall_colour for s in scenes], dt).T[:, :, None]
+    # (3, N, P), channels first; C order so that the object pixels can be set in place
+    albedo = np.ascontiguousarray(np.where(floor_hit, floor_c, wall_c) * tex)
 
     table = _object_table(scenes)
     if table is not None:
@@ -285,7 +280,7 @@ def _render_chunk(scenes: list[Scene], h: int, w: int) -> dict[str, np.ndarray]:
         kind = row[:, 2].astype(np.int32)
         label.reshape(-1)[pix] = kind + 1
         obj.reshape(-1)[pix] = row[:, 1].astype(np.int32)
-        albedo.reshape(-1, 3)[pix] = row[:, 9:12]
+        albedo.reshape(3, -1)[:, pix] = row[:, 9:12].T
         snx, sny, snz = _object_normals(
             row,
             kind,
@@ -300,13 +295,15 @@ def _render_chunk(scenes: list[Scene], h: int, w: int) -> dict[str, np.ndarray]:
     light = np.array([s.light for s in scenes], dt)
     lambert = np.maximum(nx * light[:, :1] + ny * light[:, 1:2] + nz * light[:, 2:], 0)
     shade = _AMBIENT + (1 - _AMBIENT) * lambert
-    image = np.clip(albedo * shade[..., None], 0, 1)
+    # albedo <= 1 and shade <= 1, so the image lies in [0, 1] without clipping
+    image = np.empty((n, h * w, 3), dt)
+    for c in range(3):
+        np.multiply(albedo[c], shade, out=image[..., c])
 
     # Camera-frame normals: components along the camera's right, down, forward axes.
-    axes = (right.astype(dt), down.astype(dt), fwd.astype(dt))
-    normal = np.stack(
-        [nx * e[:, :1] + ny * e[:, 1:2] + nz * e[:, 2:] for e in axes], -1
-    )
+    normal = np.empty((n, h * w, 3), dt)
+    for a, e in enumerate((right, down, fwd)):
+        normal[..., a] = nx * e[:, :1] + ny * e[:, 1:2] + nz * e[:, 2:]
     seen = np.zeros((n, MAX_OBJECTS + 1), bool)
     seen[np.arange(n)[:, None], obj] = True  # column -1 (= last) collects background
     counts = seen[:, :MAX_OBJECTS].sum(1).astype(np.int32)
