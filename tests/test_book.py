@@ -1,0 +1,138 @@
+"""The book's structure against its single sources of truth: _config.yml (the
+repository URL), _toc.yml (the chapters), references.bib and the glossary."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+
+
+def toc_files():
+    files = [TOC["root"]]
+    for part in TOC.get("parts", []):
+        files += [c["file"] for c in part["chapters"]]
+    return files
+
+
+CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def first_code_cell(nb):
+    return next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_every_toc_entry_exists_and_every_chapter_is_in_the_toc():
+    for entry in toc_files():
+        matches = list(ROOT.glob(entry + ".*"))
+        assert matches, f"_toc.yml lists {entry!r} but no such file exists"
+    listed = set(toc_files())
+    for chapter in CHAPTERS:
+        assert str(chapter.relative_to(ROOT).with_suffix("")) in listed
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_setup_cell_installs_from_the_configured_repository_only_when_missing(path):
+    url = CONFIG["repository"]["url"]
+    setup = first_code_cell(load(path))
+    assert f'REPO_URL = "{url}"' in setup, f"{path.name}: setup cell URL != _config.yml"
+    assert re.search(r'if importlib\.util\.find_spec\("mtl_utils"\) is None:', setup)
+    assert "git+{REPO_URL}" in setup
+    # TensorFlow's log variables are set before anything imports keras/tensorflow
+    imports = [setup.find(f"import {m}") for m in ("keras", "tensorflow")]
+    first_import = min(i for i in imports if i >= 0)
+    assert -1 < setup.find('os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"') < first_import
+    assert -1 < setup.find('os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"') < first_import
+    assert "keras.utils.set_random_seed(" in setup
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_skeleton(path):
+    nb = load(path)
+    markdown = "\n".join(
+        "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"
+    )
+    assert "**What you will learn.**" in markdown
+    assert "**Run time.**" in markdown
+    assert "## Summary" in markdown and "## Exercises" in markdown
+    # a cell sets the problem size, with a GPU-sized alternative in a comment
+    assert any(
+        c["cell_type"] == "code" and "# GPU:" in "".join(c["source"])
+        for c in nb["cells"]
+    ), f"{path.name}: no problem-size cell with '# GPU:' alternatives"
+    # key claims are checked by hidden assert cells
+    hidden = [
+        c for c in nb["cells"] if "remove-cell" in c.get("metadata", {}).get("tags", [])
+    ]
+    assert any("assert" in "".join(c["source"]) for c in hidden), path.name
+    # every cell has an id, every code cell was executed, and none failed
+    assert all("id" in c for c in nb["cells"])
+    for c in nb["cells"]:
+        if c["cell_type"] == "code" and c["source"]:
+            assert c["execution_count"] is not None, f"{path.name}: unexecuted cell"
+            assert not [o for o in c["outputs"] if o["output_type"] == "error"]
+
+
+def book_sources():
+    for path in sorted((ROOT / "book").glob("*.md")):
+        yield path, path.read_text()
+    for path in CHAPTERS:
+        cells = load(path)["cells"]
+        yield (
+            path,
+            "\n".join(
+                "".join(c["source"]) for c in cells if c["cell_type"] == "markdown"
+            ),
+        )
+
+
+def test_every_citation_key_is_in_references_bib():
+    bib = (ROOT / "book" / "references.bib").read_text()
+    keys = set(re.findall(r"@\w+\{([^,]+),", bib))
+    for path, text in book_sources():
+        for group in re.findall(r"\{cite:[pt]\}`([^`]+)`", text):
+            for key in group.split(","):
+                assert key.strip() in keys, f"{path.name} cites unknown key {key!r}"
+
+
+def test_every_glossary_term_used_is_defined():
+    glossary = (ROOT / "book" / "glossary.md").read_text()
+    defined = {
+        line.strip().lower() for line in glossary.splitlines() if re.match(r"^\S", line)
+    }
+    for path, text in book_sources():
+        for term in re.findall(r"\{term\}`([^`<]+)`", text):
+            assert term.strip().lower() in defined, (
+                f"{path.name}: undefined term {term!r}"
+            )
+
+
+def test_book_builds_with_zero_warnings(tmp_path):
+    """The exact oracle for the book: Sphinx with -W turns any warning into failure."""
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("jupyter-book")),
+            "build",
+            str(ROOT),
+            "-W",
+            "--keep-going",
+            "--path-output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert (tmp_path / "_build" / "html" / "index.html").exists()
