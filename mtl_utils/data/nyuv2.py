@@ -1,0 +1,159 @@
+"""NYUv2 in the MTAN ``.npy`` layout, loaded into the scenes benchmark's schema.
+
+The preprocessed NYUv2 of Liu et al. (2019, MTAN) stores one file per image and task::
+
+    ROOT/train/image/0.npy   (288, 384, 3)  RGB in [0, 1]
+    ROOT/train/label/0.npy   (288, 384)     class 0..12, -1 = unlabelled
+    ROOT/train/depth/0.npy   (288, 384, 1)  metres, 0 = no measurement
+    ROOT/train/normal/0.npy  (288, 384, 3)  unit normals, 0 = invalid
+    ROOT/val/...                            the 654 test images (795 for train)
+
+:func:`load_nyuv2` returns the same dict as
+:func:`mtl_utils.data.scenes.render_scenes` (``label`` becomes ``segmentation``; there
+is no ``count``), so every loss, metric and model of the book applies unchanged.
+Files are read with ``np.load(..., allow_pickle=False)``: a pickled object array is
+refused rather than executed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+NYUV2_SIZE = (288, 384)
+NYUV2_CLASSES = 13
+#: folder name in the MTAN layout -> key in the returned dict
+FOLDERS = {
+    "image": "image",
+    "label": "segmentation",
+    "depth": "depth",
+    "normal": "normal",
+}
+_CHANNELS = {"image": 3, "label": None, "depth": 1, "normal": 3}
+HOW_TO_GET = (
+    "download the preprocessed NYUv2 of MTAN (Liu et al. 2019; see the README of "
+    "github.com/lorenmt/mtan) and unpack it so that ROOT/train/image/0.npy exists"
+)
+
+
+def _expected_shape(folder: str, size: tuple[int, int]) -> tuple[int, ...]:
+    channels = _CHANNELS[folder]
+    return size if channels is None else (*size, channels)
+
+
+def _load(path: Path, folder: str, size: tuple[int, int] | None) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:  # object arrays need pickle: refused
+        raise ValueError(
+            f"{path}: cannot be read without pickle ({err}); expected a plain numeric "
+            "array"
+        ) from None
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{path}: dtype {array.dtype}; expected a numeric array")
+    if folder == "depth" and array.ndim == 2:
+        array = array[..., None]
+    shape = _expected_shape(folder, size or array.shape[:2])
+    if array.shape != shape:
+        raise ValueError(
+            f"{path}: shape {array.shape}; expected {shape} for {folder!r}"
+        )
+    return array
+
+
+def load_nyuv2(
+    root: str | Path,
+    split: str = "train",
+    max_samples: int | None = None,
+    size: tuple[int, int] | None = NYUV2_SIZE,
+) -> dict[str, np.ndarray]:
+    """Load one split of NYUv2 (MTAN layout) as arrays keyed by task name.
+
+    Parameters
+    ----------
+    root:
+        Folder holding ``train/`` and ``val/``.
+    split:
+        ``"train"`` or ``"val"``.
+    max_samples:
+        Load only the first files (0.npy, 1.npy, ...), e.g. for a quick run.
+    size:
+        Expected ``(H, W)``; ``None`` accepts any size that is the same for all files.
+
+    Returns
+    -------
+    dict
+        ``image`` (N, H, W, 3) float32; ``segmentation`` (N, H, W) int32 (-1 =
+        unlabelled); ``depth`` (N, H, W, 1) float32 (0 = invalid); ``normal``
+        (N, H, W, 3) float32 (0 = invalid).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the split's folders are missing (the message says how to get the data).
+    ValueError
+        If a file has the wrong shape or dtype, or needs pickle (naming the file).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'val'")
+    base = Path(root) / split
+    for folder in FOLDERS:
+        if not (base / folder).is_dir():
+            raise FileNotFoundError(
+                f"NYUv2 folder {base / folder} does not exist: {HOW_TO_GET}, "
+                f"with ROOT = {Path(root)}"
+            )
+    names = sorted(
+        (p.name for p in (base / "image").glob("*.npy")),
+        key=lambda n: int(Path(n).stem),
+    )
+    if max_samples is not None:
+        names = names[: int(max_samples)]
+    for folder in FOLDERS:
+        missing = [n for n in names if not (base / folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{base / folder} lacks {missing[:5]} (present in {base / 'image'}); "
+                "every image needs a label, depth and normal file"
+            )
+    out: dict[str, list[np.ndarray]] = {key: [] for key in FOLDERS.values()}
+    for name in names:
+        first = _load(base / "image" / name, "image", size)
+        hw = tuple(first.shape[:2])
+        out["image"].append(first)
+        for folder in ("label", "depth", "normal"):
+            out[FOLDERS[folder]].append(_load(base / folder / name, folder, hw))
+    if not names:
+        h, w = size or (0, 0)
+        return {
+            "image": np.zeros((0, h, w, 3), np.float32),
+            "segmentation": np.zeros((0, h, w), np.int32),
+            "depth": np.zeros((0, h, w, 1), np.float32),
+            "normal": np.zeros((0, h, w, 3), np.float32),
+        }
+    return {
+        "image": np.stack(out["image"]).astype(np.float32),
+        "segmentation": np.rint(np.stack(out["segmentation"])).astype(np.int32),
+        "depth": np.stack(out["depth"]).astype(np.float32),
+        "normal": np.stack(out["normal"]).astype(np.float32),
+    }
+
+
+def save_nyuv2_layout(arrays: dict[str, np.ndarray], root: str | Path, split: str):
+    """Write arrays (the schema of :func:`load_nyuv2`) in the MTAN file layout.
+
+    Used to make small NYUv2-layout samples from the scenes benchmark for tests and
+    for running the NYUv2 recipe without the real data. ``segmentation`` is written as
+    ``label`` (float, as MTAN stores it).
+    """
+    base = Path(root) / split
+    n = len(arrays["image"])
+    for folder, key in FOLDERS.items():
+        (base / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            value = arrays[key][i]
+            if folder == "label":
+                value = value.astype(np.float32)
+            np.save(base / folder / f"{i}.npy", value, allow_pickle=False)
+    return base
