@@ -1,0 +1,180 @@
+"""Training-step time of every weighting strategy relative to equal weighting.
+
+Builds the chapter-level hard-sharing model (:func:`mtl_utils.models.build_multitask`,
+VGG-16 encoder at width 0.125 with batch norm, four scene tasks: segmentation,
+depth, normal, count) once per strategy with the same initial weights, compiles it
+with :class:`mtl_utils.training.MultiTaskModel` and that strategy, and times
+``train_on_batch`` on one fixed random batch (64x64, batch 32). Strategies are
+timed in alternating rounds in one run so all see the same machine load; the ratio
+printed is the median over rounds of (strategy time / equal-weighting time of the
+same round). It asserts nothing about time.
+
+Goals (issue 3): loss-based <= 1.03x; last-layer or representation-gradient
+methods (GradNorm, MGDA-UB) <= 1.10x; full per-task-gradient methods (PCGrad,
+MGDA, CAGrad, IMTL, Nash-MTL, Aligned-MTL) <= 1.6x.
+
+``--decoder unet`` (the default of ``build_multitask``) hands the heads six
+encoder tensors (five skips and ``block5_pool``), ``--decoder plain`` one; either
+way MultiTaskModel back-propagates through each head once and vectorises only the
+encoder's backward pass over the tasks.
+
+Run: ``python benchmarks/weighting_speed.py [--decoder unet plain] [--rounds 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mtl_utils import weighting as W  # noqa: E402
+from mtl_utils.tasks import scene_tasks  # noqa: E402
+
+GROUPS = {
+    "loss-based (goal <= 1.03x)": {
+        "equal": W.EqualWeighting,
+        "static": lambda: W.StaticWeighting([1.0, 2.0, 0.5, 1.0]),
+        "uncertainty": W.UncertaintyWeighting,
+        "dwa": W.DynamicWeightAverage,
+        "rlw": lambda: W.RandomLossWeighting(seed=0),
+    },
+    "last-layer / representation (goal <= 1.10x)": {
+        "gradnorm": W.GradNorm,
+        "mgda_ub": lambda: W.MGDA(upper_bound=True),
+    },
+    "full per-task gradients (goal <= 1.6x)": {
+        "pcgrad": lambda: W.PCGrad(seed=0),
+        "mgda": W.MGDA,
+        "cagrad": W.CAGrad,
+        "imtl": W.IMTL,
+        "nash_mtl": W.NashMTL,
+        "aligned_mtl": W.AlignedMTL,
+    },
+}
+
+
+def _batch(tasks, batch_size: int, size: int):
+    rng = np.random.default_rng(0)
+    x = rng.random((batch_size, size, size, 3), dtype=np.float32)
+    normals = rng.normal(size=(batch_size, size, size, 3))
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    y = {}
+    for t in tasks:
+        if t.kind == "segmentation":
+            y[t.name] = rng.integers(-1, t.channels, (batch_size, size, size), np.int32)
+        elif t.kind == "depth":
+            y[t.name] = rng.uniform(0, 10, (batch_size, size, size, 1)).astype(
+                "float32"
+            )
+        elif t.kind == "normal":
+            y[t.name] = normals.astype("float32")
+        else:
+            y[t.name] = rng.integers(-1, t.channels, (batch_size,), np.int32)
+    return x, y
+
+
+def _build(tasks, args, decoder: str):
+    try:
+        from mtl_utils.models import build_multitask
+    except ImportError:  # before the models module existed
+        return _tiny_model(tasks, args.size)
+    return build_multitask(
+        tasks,
+        (args.size, args.size, 3),
+        "vgg16",
+        width=0.125,
+        batch_norm=True,
+        decoder=decoder,
+    )
+
+
+def _tiny_model(tasks, size: int):
+    from mtl_utils.training import MultiTaskModel
+
+    inputs = keras.Input((size, size, 3))
+    h = inputs
+    for filters in (8, 16, 32, 64):
+        h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(h)
+        h = keras.layers.MaxPooling2D()(h)
+    z = h
+    outputs = {}
+    for t in tasks:
+        if t.kind == "classification":
+            pooled = keras.layers.GlobalAveragePooling2D()(z)
+            outputs[t.name] = keras.layers.Dense(t.channels)(pooled)
+        else:
+            a = keras.layers.UpSampling2D(16)(z)
+            a = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(a)
+            outputs[t.name] = keras.layers.Conv2D(t.channels, 1)(a)
+    return MultiTaskModel(inputs, outputs, representation=z)
+
+
+def run(args: argparse.Namespace, decoder: str) -> None:
+    tasks = scene_tasks()
+    x, y = _batch(tasks, args.batch_size, args.size)
+    models = {}
+    for group in GROUPS.values():
+        for name, make in group.items():
+            if args.strategies and name not in args.strategies and name != "equal":
+                continue
+            keras.utils.set_random_seed(0)
+            model = _build(tasks, args, decoder)
+            model.compile(keras.optimizers.Adam(1e-4), losses=tasks, weighting=make())
+            start = time.perf_counter()
+            for _ in range(args.warmup):
+                model.train_on_batch(x, y)
+            models[name] = model
+            print(f"  built + traced {name:12s} {time.perf_counter() - start:6.1f} s")
+    info = models["equal"]._mtl.info
+    boundary = len(info["boundary"])
+    shared = sum(int(np.prod(v.shape)) for v in info["shared_vars"])
+    times = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                model.train_on_batch(x, y)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    base = times["equal"]
+    print(
+        f"\nbuild_multitask(vgg16, width 0.125, batch norm, decoder={decoder!r}); "
+        f"{args.size}x{args.size}, batch {args.batch_size}, 4 tasks; {shared} shared "
+        f"parameters, {boundary} boundary tensor(s); median of {args.rounds} "
+        f"rounds x {args.steps} steps"
+    )
+    print(f"{'strategy':14s} {'step ms':>8s} {'vs equal':>9s}")
+    for title, group in GROUPS.items():
+        print(f"-- {title}")
+        for name in group:
+            if name not in times:
+                continue
+            ratio = statistics.median(
+                t / b for t, b in zip(times[name], base, strict=True)
+            )
+            ms = 1000 * statistics.median(times[name])
+            print(f"{name:14s} {ms:8.1f} {ratio:8.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--decoder", nargs="+", default=["unet", "plain"])
+    parser.add_argument("--strategies", nargs="*", default=None)
+    args = parser.parse_args()
+    for decoder in args.decoder:
+        run(args, decoder)
+
+
+if __name__ == "__main__":
+    main()

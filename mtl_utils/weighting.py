@@ -1,0 +1,1399 @@
+"""Task-balancing strategies: loss weighting and gradient combination.
+
+Two layers, as everywhere in ``mtl_utils``:
+
+* **Pure cores**: the maths of each method as a function on tensors, either a
+  vector of task losses ``(T,)`` or a matrix of flattened per-task gradients
+  ``G`` of shape ``(T, P)`` (row ``i`` is the gradient of task ``i``'s loss with
+  respect to the ``P`` shared parameters), or its Gram matrix ``G G^T`` of shape
+  ``(T, T)``. Every gradient method here needs only the Gram matrix to decide
+  how to combine the rows, so each has a ``*_coefficients``/``*_weights`` form
+  on the Gram matrix and the update is ``alpha @ G``.
+  :func:`pcgrad`, :func:`mgda_weights`, :func:`cagrad`, :func:`imtl_weights`,
+  :func:`nash_mtl_weights`, :func:`aligned_mtl_coefficients`,
+  :func:`uncertainty_weighted_loss`, :func:`dwa_weights`,
+  :func:`random_loss_weights`, :func:`gradnorm_weight_gradient`.
+* **Strategies**: one interface (:class:`Weighting`) that
+  :class:`mtl_utils.training.MultiTaskModel` calls once per training step. A
+  strategy declares in ``mode`` what it needs:
+
+  ======================  ==================================================  ====
+  mode                    input per step                                      cost
+  ======================  ==================================================  ====
+  ``losses``              the loss vector ``(T,)``                            ~1x
+  ``representation``      gradients w.r.t. the shared representation ``z``    low
+  ``last_shared_layer``   gradients w.r.t. the last shared layer's weights    low
+  ``shared_parameters``   gradients w.r.t. all shared parameters ``(T, P)``   high
+  ======================  ==================================================  ====
+
+  Loss-based strategies return a scalar objective; gradient-based ones return a
+  :class:`Combination`: coefficients ``shared`` for the rows of ``G`` (the shared
+  update is ``shared @ G``) and ``heads`` (task ``i``'s head is updated with
+  ``heads[i]`` times the gradient of its own loss).
+
+Scale conventions. :class:`EqualWeighting` minimises the *sum* of task losses
+(weights 1). DWA and GradNorm keep weights summing to ``T``, :class:`PCGrad`
+sums the projected gradients and :class:`CAGrad` is scaled so that ``c = 0``
+is exactly equal weighting; MGDA, IMTL and random weights sum to 1 as in their
+papers, and Nash-MTL's scale is set by its bargaining solution.
+
+References
+----------
+Kendall, Gal and Cipolla 2018 (uncertainty); Liu, Johns and Davison 2019
+(DWA, MTAN); Lin et al. 2021 (random loss weighting); Chen et al. 2018
+(GradNorm); Yu et al. 2020 (PCGrad); Sener and Koltun 2018 (MGDA, MGDA-UB);
+Liu et al. 2021 (CAGrad); Liu et al. 2021 (IMTL); Navon et al. 2022
+(Nash-MTL); Senushkin et al. 2023 (Aligned-MTL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = [
+    "CAGrad",
+    "Combination",
+    "DynamicWeightAverage",
+    "EqualWeighting",
+    "GradNorm",
+    "IMTL",
+    "MGDA",
+    "NashMTL",
+    "AlignedMTL",
+    "PCGrad",
+    "RandomLossWeighting",
+    "StaticWeighting",
+    "UncertaintyWeighting",
+    "Weighting",
+    "aligned_mtl_coefficients",
+    "cagrad",
+    "cagrad_coefficients",
+    "dwa_weights",
+    "get",
+    "gradnorm_weight_gradient",
+    "gram_matrix",
+    "imtl_weights",
+    "mgda_weights",
+    "mgda_weights_from_gram",
+    "min_norm_two",
+    "nash_mtl_weights",
+    "pcgrad",
+    "pcgrad_coefficients",
+    "project_onto_simplex",
+    "random_loss_weights",
+    "uncertainty_weighted_loss",
+]
+
+_TINY = 1e-12
+
+# --------------------------------------------------------------------------- checks
+
+
+def _as_float(x):
+    return ops.cast(ops.convert_to_tensor(x), "float32")
+
+
+def _check_matrix(G, what: str = "G"):
+    G = _as_float(G)
+    if len(G.shape) != 2:
+        raise ValueError(
+            f"{what} has shape {tuple(G.shape)}; expected a (T, P) matrix with one "
+            "flattened gradient per task"
+        )
+    return G
+
+
+def _check_gram(gram):
+    gram = _as_float(gram)
+    shape = tuple(gram.shape)
+    if len(shape) != 2 or (None not in shape and shape[0] != shape[1]):
+        raise ValueError(
+            f"gram has shape {shape}; expected a square (T, T) matrix G @ G.T"
+        )
+    return gram
+
+
+def _num_tasks(x) -> int:
+    n = x.shape[0]
+    if n is None:
+        raise ValueError(
+            "the number of tasks (first axis) must be known statically; got "
+            f"shape {tuple(x.shape)}"
+        )
+    return int(n)
+
+
+def _check_vector(v, num_tasks: int, what: str, names: Sequence[str] | None = None):
+    v = _as_float(v)
+    if tuple(v.shape) != (num_tasks,):
+        listed = f" ({', '.join(names)})" if names else ""
+        raise ValueError(
+            f"{what} has shape {tuple(v.shape)}; expected ({num_tasks},): one value "
+            f"per task{listed}"
+        )
+    return v
+
+
+# ---------------------------------------------------------------- pure cores: basics
+
+
+def gram_matrix(G):
+    """Gram matrix ``G @ G.T`` of per-task gradients.
+
+    Parameters
+    ----------
+    G:
+        ``(T, P)`` flattened per-task gradients.
+
+    Returns
+    -------
+    ``(T, T)`` inner products ``g_i . g_j``.
+    """
+    G = _check_matrix(G)
+    return ops.matmul(G, ops.transpose(G))
+
+
+def project_onto_simplex(v):
+    """Euclidean projection of ``v`` onto the probability simplex.
+
+    The sort-based algorithm of Held, Wolfe and Crowder (1974), as popularised by
+    Duchi et al. (2008): ``argmin_w ||w - v||`` subject to ``w >= 0``,
+    ``sum(w) = 1``.
+
+    Parameters
+    ----------
+    v:
+        ``(T,)`` vector.
+
+    Returns
+    -------
+    ``(T,)`` non-negative vector summing to one.
+    """
+    v = _as_float(v)
+    if len(v.shape) != 1:
+        raise ValueError(f"v has shape {tuple(v.shape)}; expected a vector (T,)")
+    n = _num_tasks(v)
+    u = ops.flip(ops.sort(v))
+    css = ops.cumsum(u)
+    k = ops.arange(1, n + 1, dtype="float32")
+    support = ops.cast(u - (css - 1.0) / k > 0, "float32")
+    rho = ops.maximum(ops.sum(support), 1.0)
+    theta = (ops.take(css, ops.cast(rho, "int32") - 1) - 1.0) / rho
+    return ops.maximum(v - theta, 0.0)
+
+
+def min_norm_two(gram):
+    """Closed-form min-norm point of the segment between two gradients.
+
+    ``gamma = argmin_{g in [0, 1]} ||g g_1 + (1 - g) g_2||^2`` is
+    ``clip((g_2.g_2 - g_1.g_2) / ||g_1 - g_2||^2, 0, 1)`` (Sener and Koltun
+    2018, Algorithm 1).
+
+    Parameters
+    ----------
+    gram:
+        ``(2, 2)`` Gram matrix of the two gradients.
+
+    Returns
+    -------
+    ``(2,)`` weights ``(gamma, 1 - gamma)``.
+    """
+    gram = _check_gram(gram)
+    if _num_tasks(gram) != 2:
+        raise ValueError(f"min_norm_two needs a (2, 2) Gram matrix, got {gram.shape}")
+    g11, g12, g22 = gram[0, 0], gram[0, 1], gram[1, 1]
+    denom = g11 + g22 - 2.0 * g12
+    gamma = ops.where(
+        denom > _TINY * (g11 + g22 + _TINY),
+        (g22 - g12) / ops.maximum(denom, _TINY),
+        0.5,
+    )
+    gamma = ops.clip(gamma, 0.0, 1.0)
+    return ops.stack([gamma, 1.0 - gamma])
+
+
+# ------------------------------------------------------------------- pure cores: MGDA
+
+
+def _segment_step(aa, ab, bb):
+    """argmin over t in [0, 1] of ||(1 - t) a + t b||^2 given inner products."""
+    denom = aa + bb - 2.0 * ab
+    t = ops.where(denom > _TINY, (aa - ab) / ops.maximum(denom, _TINY), 0.0)
+    return ops.clip(t, 0.0, 1.0)
+
+
+def mgda_weights_from_gram(
+    gram,
+    max_iterations: int = 250,
+    tolerance: float = 1e-7,
+    method: str = "auto",
+):
+    """MGDA weights from the Gram matrix (see :func:`mgda_weights`)."""
+    gram = _check_gram(gram)
+    n = _num_tasks(gram)
+    if method not in ("auto", "frank_wolfe"):
+        raise ValueError(f"method must be 'auto' or 'frank_wolfe'; got {method!r}")
+    if n == 1:
+        return ops.ones((1,), "float32")
+    if method == "frank_wolfe":
+        best_w = ops.full((n,), 1.0 / n)
+    elif n == 2:
+        return min_norm_two(gram)
+    else:
+        best_w = _best_pair(gram, n)
+
+    def cond(i, w, change):
+        return ops.logical_and(i < max_iterations, change > tolerance)
+
+    def body(i, w, change):
+        gw = ops.matmul(gram, w)  # (T,) = G g_w
+        t = ops.argmin(gw)
+        aa = ops.sum(w * gw)
+        ab = ops.take(gw, t)
+        bb = ops.take(ops.diagonal(gram), t)
+        step = _segment_step(aa, ab, bb)
+        new_w = (1.0 - step) * w + step * ops.one_hot(t, n)
+        return i + 1, new_w, ops.sum(ops.abs(new_w - w))
+
+    _, w, _ = ops.while_loop(
+        cond, body, (ops.array(0, "int32"), best_w, ops.array(1.0, "float32"))
+    )
+    return w
+
+
+def _best_pair(gram, n):
+    """Min-norm point over all pairs of tasks (Sener and Koltun's start)."""
+    best_value, best_w = None, None
+    for i in range(n):
+        for j in range(i + 1, n):
+            sub = ops.stack(
+                [
+                    ops.stack([gram[i, i], gram[i, j]]),
+                    ops.stack([gram[j, i], gram[j, j]]),
+                ]
+            )
+            pair = min_norm_two(sub)
+            w = pair[0] * ops.one_hot(i, n) + pair[1] * ops.one_hot(j, n)
+            value = ops.sum(w * ops.matmul(gram, w))
+            if best_value is None:
+                best_value, best_w = value, w
+            else:
+                better = value < best_value
+                best_w = ops.where(better, w, best_w)
+                best_value = ops.minimum(value, best_value)
+    return best_w
+
+
+def mgda_weights(
+    G, max_iterations: int = 250, tolerance: float = 1e-7, method: str = "auto"
+):
+    """Min-norm point of the convex hull of task gradients (MGDA).
+
+    Solves ``min_{a in simplex} || sum_i a_i g_i ||^2`` (Sener and Koltun 2018,
+    Algorithm 2): two tasks use the exact closed form :func:`min_norm_two`; more
+    tasks start from the best pair and run Frank-Wolfe with exact line search.
+    Descending along ``a @ G`` decreases every task whose gradient is not already
+    in conflict at a Pareto-stationary point (where the min norm is 0).
+
+    Parameters
+    ----------
+    G:
+        ``(T, P)`` per-task gradients.
+    max_iterations, tolerance:
+        Frank-Wolfe stops after ``max_iterations`` or when the L1 change of the
+        weights falls below ``tolerance``.
+    method:
+        ``"auto"`` (closed form for two tasks, else Frank-Wolfe from the best
+        pair) or ``"frank_wolfe"`` (Frank-Wolfe from uniform weights for any
+        number of tasks).
+
+    Returns
+    -------
+    ``(T,)`` weights on the simplex (non-negative, summing to one).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mgda_weights(np.array([[1.0, 0.0], [0.0, 1.0]])).numpy().round(3)
+    array([0.5, 0.5], dtype=float32)
+    """
+    return mgda_weights_from_gram(gram_matrix(G), max_iterations, tolerance, method)
+
+
+# ----------------------------------------------------------------- pure cores: PCGrad
+
+
+def pcgrad_coefficients(gram, order=None):
+    """PCGrad as coefficients on the rows of ``G`` (see :func:`pcgrad`).
+
+    Every projected gradient is a linear combination of the original ones, so
+    PCGrad runs entirely on the ``(T, T)`` Gram matrix: row ``c_i`` represents
+    ``g_i^PC = c_i @ G`` and projecting onto the normal plane of ``g_j`` is
+    ``c_i -= min(c_i . gram[:, j], 0) / gram[j, j] * e_j``.
+
+    Parameters
+    ----------
+    gram:
+        ``(T, T)`` Gram matrix.
+    order:
+        Optional ``(T, T)`` integer array; row ``i`` is the order in which task
+        ``i`` visits the other tasks (entries equal to ``i`` are skipped). The
+        paper draws a random order each step; default ``0, 1, ..., T-1``.
+
+    Returns
+    -------
+    ``(T,)`` coefficients ``a`` with ``pcgrad(G) = a @ G``.
+    """
+    gram = _check_gram(gram)
+    n = _num_tasks(gram)
+    if order is None:
+        order = np.tile(np.arange(n), (n, 1))
+    order = ops.cast(ops.convert_to_tensor(order), "int32")
+    if tuple(order.shape) != (n, n):
+        raise ValueError(f"order has shape {tuple(order.shape)}; expected ({n}, {n})")
+    total = ops.zeros((n,), "float32")
+    diag = ops.diagonal(gram)
+    for i in range(n):
+        c = ops.one_hot(i, n)
+        for k in range(n):
+            j = order[i, k]
+            e_j = ops.one_hot(j, n)
+            dot = ops.sum(c * ops.take(gram, j, axis=1))
+            norm2 = ops.take(diag, j)
+            active = ops.logical_and(
+                ops.logical_and(dot < 0.0, norm2 > _TINY), ops.not_equal(j, i)
+            )
+            factor = ops.where(active, dot / ops.maximum(norm2, _TINY), 0.0)
+            c = c - factor * e_j
+        total = total + c
+    return total
+
+
+def pcgrad(G, order=None):
+    """Projecting conflicting gradients (PCGrad; Yu et al. 2020, Algorithm 1).
+
+    For each task ``i`` and each other task ``j`` (in ``order``): if the current
+    ``g_i^PC`` conflicts with ``g_j`` (negative inner product), remove its
+    component along ``g_j``. The update is the *sum* of the projected gradients,
+    so without conflicts PCGrad equals the gradient of the summed loss.
+
+    Parameters
+    ----------
+    G:
+        ``(T, P)`` per-task gradients.
+    order:
+        Optional ``(T, T)`` visiting order, see :func:`pcgrad_coefficients`.
+
+    Returns
+    -------
+    ``(P,)`` combined gradient.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> pcgrad(np.array([[1.0, 0.0], [-1.0, 1.0]])).numpy()
+    array([0.5, 1.5], dtype=float32)
+    """
+    G = _check_matrix(G)
+    return ops.matmul(pcgrad_coefficients(gram_matrix(G), order), G)
+
+
+# ----------------------------------------------------------------- pure cores: CAGrad
+
+
+def _cagrad_objective(w, gram, b, sqrt_phi):
+    gw = ops.matmul(gram, w)
+    return ops.sum(w * ops.matmul(gram, b)) + sqrt_phi * ops.sqrt(
+        ops.maximum(ops.sum(w * gw), _TINY)
+    )
+
+
+def cagrad_coefficients(
+    gram,
+    c: float = 0.5,
+    rescale: bool = True,
+    iterations: int = 200,
+    force_iterative: bool = False,
+):
+    """CAGrad as coefficients on the rows of ``G`` (see :func:`cagrad`).
+
+    Solves the dual ``min_{w in simplex} g_w . g_0 + sqrt(phi) ||g_w||`` with
+    ``g_0`` the mean gradient, ``g_w = w @ G`` and ``phi = c^2 ||g_0||^2``. Two
+    tasks use the exact solution of the one-dimensional problem; more tasks (or
+    ``force_iterative=True``) use projected gradient descent on the simplex
+    (``iterations`` steps of size ``0.5 / sqrt(k + 1)`` on the Gram matrix
+    normalised to unit mean diagonal, which leaves the solution unchanged),
+    keeping the best iterate.
+
+    Returns
+    -------
+    ``(T,)`` coefficients ``a`` with ``cagrad(G) = a @ G``.
+    """
+    gram = _check_gram(gram)
+    n = _num_tasks(gram)
+    scale = ops.maximum(ops.mean(ops.diagonal(gram)), _TINY)
+    m = gram / scale
+    b = ops.full((n,), 1.0 / n)
+    sqrt_phi = c * ops.sqrt(ops.maximum(ops.sum(b * ops.matmul(m, b)), 0.0))
+    if n == 2 and not force_iterative:
+        w = _cagrad_dual_two(m, b, sqrt_phi)
+    else:
+        w = _cagrad_dual_iterative(m, b, sqrt_phi, iterations)
+    gw_norm = ops.sqrt(ops.maximum(ops.sum(w * ops.matmul(m, w)), 0.0))
+    lam = sqrt_phi / (gw_norm + 1e-6)
+    coef = b + lam * w
+    if rescale:
+        coef = coef / (1.0 + c**2)
+    return coef
+
+
+def _cagrad_dual_two(m, b, sqrt_phi):
+    """Exact minimiser of the CAGrad dual for two tasks, ``w = (t, 1 - t)``.
+
+    With ``g_w = g_2 + t (g_1 - g_2)``: ``F(t) = const + beta t + s sqrt(q(t))``,
+    ``A q(t) = (A t + B)^2 + D`` (``A = ||g_1 - g_2||^2``, ``B = (g_1 - g_2).g_2``,
+    ``D = A ||g_2||^2 - B^2 >= 0``). ``F' = 0`` gives
+    ``u = A t + B = -sign(beta) |beta| sqrt(D / (s^2 A - beta^2))`` when
+    ``s^2 A > beta^2``; otherwise ``F`` is monotone on ``[0, 1]``.
+    """
+    d = ops.convert_to_tensor([1.0, -1.0])
+    g0 = ops.matmul(m, b)
+    a = ops.sum(d * ops.matmul(m, d))
+    bb = ops.sum(d * m[:, 1])
+    big_d = ops.maximum(a * m[1, 1] - bb**2, 0.0)
+    beta = ops.sum(d * g0)
+    s2a = sqrt_phi**2 * a
+    interior = s2a > beta**2 + _TINY
+    u = (
+        -ops.sign(beta)
+        * ops.abs(beta)
+        * ops.sqrt(big_d / ops.maximum(s2a - beta**2, _TINY))
+    )
+    t_interior = (u - bb) / ops.maximum(a, _TINY)
+    t_edge = ops.where(beta > 0, 0.0, 1.0)
+    t = ops.where(interior, t_interior, t_edge)
+    t = ops.where(a > _TINY, ops.clip(t, 0.0, 1.0), 0.5)
+    return ops.stack([t, 1.0 - t])
+
+
+def _cagrad_dual_iterative(m, b, sqrt_phi, iterations):
+    """Projected gradient descent on the simplex for the CAGrad dual."""
+    w0 = b
+    f0 = _cagrad_objective(w0, m, b, sqrt_phi)
+
+    def body(k, state):
+        w, best_w, best_f = state
+        gw = ops.matmul(m, w)
+        norm = ops.sqrt(ops.maximum(ops.sum(w * gw), _TINY))
+        grad = ops.matmul(m, b) + sqrt_phi * gw / norm
+        step = 0.5 / ops.sqrt(ops.cast(k, "float32") + 1.0)
+        w = project_onto_simplex(w - step * grad)
+        f = _cagrad_objective(w, m, b, sqrt_phi)
+        better = f < best_f
+        return w, ops.where(better, w, best_w), ops.where(better, f, best_f)
+
+    _, w, _ = ops.fori_loop(0, iterations, body, (w0, w0, f0))
+    return w
+
+
+def cagrad(G, c: float = 0.5, rescale: bool = True, iterations: int = 200):
+    """Conflict-averse gradient descent (CAGrad; Liu et al. 2021, Algorithm 1).
+
+    Finds the update ``d`` that maximises the worst-case task improvement
+    ``min_i g_i . d`` within a ball ``||d - g_0|| <= c ||g_0||`` around the mean
+    gradient ``g_0``: ``d = g_0 + sqrt(phi) / ||g_w|| g_w`` with ``w`` from the dual
+    problem (:func:`cagrad_coefficients`). ``c = 0`` gives ``g_0``; larger ``c``
+    moves towards MGDA-like conflict avoidance.
+
+    Parameters
+    ----------
+    G:
+        ``(T, P)`` per-task gradients.
+    c:
+        Radius of the ball relative to ``||g_0||`` (the paper uses 0.4-0.5).
+    rescale:
+        Divide by ``1 + c^2`` as the authors' code does.
+
+    Returns
+    -------
+    ``(P,)`` update direction (mean scale, like ``g_0``).
+    """
+    G = _check_matrix(G)
+    return ops.matmul(cagrad_coefficients(gram_matrix(G), c, rescale, iterations), G)
+
+
+# ---------------------------------------------------- pure cores: IMTL, Nash, Aligned
+
+
+def imtl_weights(gram):
+    """IMTL-G weights (Liu et al. 2021, "Towards impartial multi-task learning").
+
+    Finds ``a`` (summing to one) such that ``g = a @ G`` has the same projection
+    onto every unit gradient ``u_i = g_i / ||g_i||``:
+    ``a_{2:T} = g_1 U^T (D U^T)^{-1}``, ``a_1 = 1 - sum(a_{2:T})`` with rows
+    ``D_i = g_1 - g_i`` and ``U_i = u_1 - u_i``, written here with inner
+    products only.
+
+    Parameters
+    ----------
+    gram:
+        ``(T, T)`` Gram matrix (gradients must be linearly independent).
+
+    Returns
+    -------
+    ``(T,)`` weights.
+    """
+    gram = _check_gram(gram)
+    n = _num_tasks(gram)
+    if n == 1:
+        return ops.ones((1,), "float32")
+    norms = ops.sqrt(ops.maximum(ops.diagonal(gram), _TINY))
+    # proj[a, b] = g_a . u_b
+    proj = gram / norms[None, :]
+    g1u = proj[0, 0] - proj[0, 1:]  # (T-1,)
+    du = (
+        proj[0, 0] - proj[0:1, 1:] - proj[1:, 0:1] + proj[1:, 1:]
+    )  # (T-1, T-1): (g_1 - g_i) . (u_1 - u_j)
+    rest = ops.matmul(g1u[None, :], ops.inv(du))[0]
+    return ops.concatenate([ops.reshape(1.0 - ops.sum(rest), (1,)), rest])
+
+
+def nash_mtl_weights(gram, iterations: int = 30, ridge: float = 1e-6):
+    """Nash bargaining weights (Nash-MTL; Navon et al. 2022).
+
+    The bargaining solution is the ``a > 0`` with ``(G G^T a)_i = 1 / a_i``. With
+    ``G G^T = D C D`` (``D`` the gradient norms, ``C`` the cosine matrix) and
+    ``a = b / D`` this reads ``b_i (C b)_i = 1``, whose solution is the unique
+    minimiser of the strictly convex ``0.5 b^T C b - sum_i log b_i``, found here by
+    damped Newton steps ``b += delta / (1 + lambda)`` (``lambda`` the Newton
+    decrement; the steps keep ``b`` positive). The paper iterates convex-concave
+    programs instead; the solution is the same.
+
+    Parameters
+    ----------
+    gram:
+        ``(T, T)`` Gram matrix. ``ridge`` is added to the diagonal of ``C`` so that
+        linearly dependent gradients still give finite weights.
+
+    Returns
+    -------
+    ``(T,)`` positive weights.
+    """
+    gram = _check_gram(gram)
+    n = _num_tasks(gram)
+    norms = ops.sqrt(ops.maximum(ops.diagonal(gram), _TINY))
+    cos = gram / (norms[:, None] * norms[None, :]) + ridge * ops.eye(n)
+    b0 = ops.ones((n,), "float32")
+
+    def body(_, b):
+        grad = ops.matmul(cos, b) - 1.0 / b
+        hess = cos + ops.diag(1.0 / ops.square(b))
+        delta = -ops.solve(hess, grad[:, None])[:, 0]
+        decrement = ops.sqrt(ops.maximum(-ops.sum(grad * delta), 0.0))
+        return b + delta / (1.0 + decrement)
+
+    return ops.fori_loop(0, iterations, body, b0) / norms
+
+
+def aligned_mtl_coefficients(gram, weights=None, rank_tolerance: float = 1e-6):
+    """Aligned-MTL (Senushkin et al. 2023) as coefficients on the rows of ``G``.
+
+    With ``G G^T = V diag(lambda) V^T``, the aligned gradients
+    ``B G``, ``B = sqrt(lambda_min) V diag(lambda)^{-1/2} V^T``, are orthogonal
+    with equal norms ``sqrt(lambda_min)`` (condition number 1); the update is
+    ``weights @ (B G)``. Eigenvalues below ``rank_tolerance * lambda_max`` are
+    treated as zero (their directions dropped).
+
+    Parameters
+    ----------
+    gram:
+        ``(T, T)`` Gram matrix.
+    weights:
+        ``(T,)`` task pre-weights; default ones (for already orthogonal,
+        equal-norm gradients the update is then the plain sum).
+
+    Returns
+    -------
+    ``(T,)`` coefficients ``a`` with update ``a @ G``.
+    """
+    gram = _check_gram(gram)
+    n = _num_tasks(gram)
+    if weights is None:
+        weights = ops.ones((n,), "float32")
+    weights = _check_vector(weights, n, "weights")
+    lam, vec = ops.eigh(gram)
+    keep = lam > rank_tolerance * ops.maximum(ops.max(lam), _TINY)
+    lam_min = ops.min(ops.where(keep, lam, ops.max(lam)))
+    inv_sqrt = ops.where(keep, 1.0 / ops.sqrt(ops.maximum(lam, _TINY)), 0.0)
+    b = ops.sqrt(ops.maximum(lam_min, 0.0)) * ops.matmul(
+        vec * inv_sqrt[None, :], ops.transpose(vec)
+    )
+    return ops.matmul(b, weights)  # B symmetric: (w @ B G) = (B w) @ G
+
+
+# ----------------------------------------------------- pure cores: loss-based methods
+
+
+def uncertainty_weighted_loss(losses, log_variances, classification=None, present=None):
+    """Homoscedastic-uncertainty weighting (Kendall, Gal and Cipolla 2018).
+
+    With ``s_i = log sigma_i^2``, a regression task contributes
+    ``0.5 exp(-s_i) L_i + 0.5 s_i`` (Gaussian likelihood, the paper's
+    ``L / (2 sigma^2) + log sigma``) and a classification task
+    ``exp(-s_i) L_i + 0.5 s_i`` (``L / sigma^2 + log sigma``).
+
+    Parameters
+    ----------
+    losses:
+        ``(T,)`` task losses.
+    log_variances:
+        ``(T,)`` learnable ``s_i``.
+    classification:
+        Optional ``(T,)`` booleans; ``True`` uses the classification form. Default:
+        regression form for every task (the common implementation).
+    present:
+        Optional ``(T,)`` mask; a task without labels in the batch (0) adds no
+        term, so its ``s`` is not pushed down by a zero loss.
+
+    Returns
+    -------
+    ``(total, weights)``: the scalar objective and the ``(T,)`` effective weights
+    on the losses (``0.5 exp(-s)`` or ``exp(-s)``).
+    """
+    losses = _as_float(losses)
+    n = _num_tasks(losses)
+    s = _check_vector(log_variances, n, "log_variances")
+    factor = ops.full((n,), 0.5)
+    if classification is not None:
+        cls = ops.cast(ops.convert_to_tensor(classification), "float32")
+        cls = _check_vector(cls, n, "classification")
+        factor = ops.where(cls > 0, 1.0, 0.5)
+    weights = factor * ops.exp(-s)
+    mask = ops.ones((n,)) if present is None else _as_float(present)
+    total = ops.sum(mask * (weights * losses + 0.5 * s))
+    return total, weights
+
+
+def dwa_weights(previous, before_previous, temperature: float = 2.0):
+    """Dynamic weight average (Liu, Johns and Davison 2019, Eq. 7).
+
+    ``w_i = T exp(r_i / temperature) / sum_j exp(r_j / temperature)`` with the
+    relative descending rate ``r_i = L_i(t-1) / L_i(t-2)`` of the epoch-averaged
+    losses.
+
+    Parameters
+    ----------
+    previous, before_previous:
+        ``(T,)`` epoch-averaged losses of the last two epochs.
+
+    Returns
+    -------
+    ``(T,)`` weights summing to ``T``.
+    """
+    previous = _as_float(previous)
+    n = _num_tasks(previous)
+    before_previous = _check_vector(before_previous, n, "before_previous")
+    r = previous / ops.maximum(before_previous, _TINY)
+    return n * ops.softmax(r / temperature)
+
+
+def random_loss_weights(num_tasks: int, seed=None):
+    """Random loss weights (RLW; Lin et al. 2021): ``softmax(z)``, ``z ~ N(0, I)``.
+
+    Parameters
+    ----------
+    num_tasks:
+        ``T``.
+    seed:
+        Integer or :class:`keras.random.SeedGenerator`.
+
+    Returns
+    -------
+    ``(T,)`` weights summing to one.
+    """
+    return ops.softmax(keras.random.normal((num_tasks,), seed=seed))
+
+
+def gradnorm_weight_gradient(weights, grad_norms, losses, initial_losses, alpha):
+    """Gradient of the GradNorm loss with respect to the task weights.
+
+    GradNorm (Chen et al. 2018) measures ``G_i = w_i ||grad_W L_i||`` at the last
+    shared layer ``W`` and pulls it towards ``mean(G) * r_i^alpha``, where
+    ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))`` is the relative inverse
+    training rate. ``L_grad = sum_i |G_i - target_i|`` with the target held
+    constant, so ``dL_grad / dw_i = sign(G_i - target_i) ||grad_W L_i||``.
+
+    Parameters
+    ----------
+    weights, grad_norms, losses, initial_losses:
+        ``(T,)`` vectors: ``w``, ``||grad_W L_i||``, ``L_i(t)``, ``L_i(0)``.
+    alpha:
+        Asymmetry: larger values pull training rates together harder.
+
+    Returns
+    -------
+    ``(gradient, L_grad)``: the ``(T,)`` gradient and the scalar GradNorm loss.
+    """
+    weights = _as_float(weights)
+    n = _num_tasks(weights)
+    grad_norms = _check_vector(grad_norms, n, "grad_norms")
+    losses = _check_vector(losses, n, "losses")
+    initial_losses = _check_vector(initial_losses, n, "initial_losses")
+    g = weights * grad_norms
+    ratio = losses / ops.maximum(initial_losses, _TINY)
+    r = ratio / ops.maximum(ops.mean(ratio), _TINY)
+    target = ops.mean(g) * ops.power(r, alpha)
+    return ops.sign(g - target) * grad_norms, ops.sum(ops.abs(g - target))
+
+
+def _fill_absent(gram, present):
+    """Replace rows of absent tasks by a large gradient orthogonal to the others.
+
+    A task without labels in the batch has a zero gradient row. Min-norm style
+    solvers would put all weight on it; a large orthogonal stand-in instead gets
+    (nearly) zero weight and leaves the present tasks' solution unchanged up to
+    scale. Its coefficient multiplies a zero row, so it never moves parameters.
+    """
+    if present is None:
+        return gram
+    mask = _as_float(present)
+    n = _num_tasks(gram)
+    both = mask[:, None] * mask[None, :]
+    big = 1e3 * ops.maximum(ops.max(ops.diagonal(gram) * mask), _TINY)
+    return gram * both + ops.eye(n) * (1.0 - mask)[:, None] * big
+
+
+def _zero_absent(weights, present):
+    return weights if present is None else weights * _as_float(present)
+
+
+# ----------------------------------------------------------------------- strategies
+
+
+class Combination(NamedTuple):
+    """How a gradient-based strategy combines per-task gradients.
+
+    Attributes
+    ----------
+    shared:
+        ``(T,)`` coefficients: the shared update is ``shared @ G``.
+    heads:
+        ``(T,)`` multipliers of each task head's own gradient.
+    """
+
+    shared: Any
+    heads: Any
+
+
+class Weighting:
+    """Base class: one interface for every balancing strategy.
+
+    A strategy is built for an ordered list of task names (``build``), is told
+    the per-step loss vector and (for gradient modes) per-task gradients, and
+    returns either a scalar objective (``combine_losses``) or a
+    :class:`Combination` (``combine_gradients``). ``weights`` returned alongside
+    are logged by :class:`~mtl_utils.training.MultiTaskModel` as
+    ``weight_<task>``. Strategies with learnable parameters keep them in Keras
+    variables (``trainable_variables``) and train them with ``optimizer``
+    (default: a fresh copy of the model's optimizer, made at compile time).
+
+    Subclasses set ``mode`` (see the module docstring) and override
+    ``combine_losses`` (mode ``"losses"``) or ``combine_gradients``.
+    """
+
+    mode: str = "losses"
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer | None = None):
+        self.task_names: list[str] | None = None
+        self.task_kinds: dict[str, str] = {}
+        self.optimizer = optimizer
+
+    # -- building ---------------------------------------------------------------
+    @property
+    def built(self) -> bool:
+        return self.task_names is not None
+
+    @property
+    def num_tasks(self) -> int:
+        if self.task_names is None:
+            raise ValueError(f"{type(self).__name__} is not built; call build(tasks)")
+        return len(self.task_names)
+
+    def build(
+        self,
+        task_names: Sequence[str],
+        task_kinds: Mapping[str, str] | None = None,
+        model_optimizer: keras.optimizers.Optimizer | None = None,
+    ) -> None:
+        """Create the strategy's state for ``task_names`` (in this order).
+
+        Parameters
+        ----------
+        task_names:
+            Ordered task names; the loss vector and gradient rows follow it.
+        task_kinds:
+            Optional name -> task kind (``"segmentation"``, ``"depth"``, ...),
+            used by :class:`UncertaintyWeighting` ``form="paper"``.
+        model_optimizer:
+            Copied to train the strategy's own variables when no ``optimizer``
+            was given.
+        """
+        names = [str(n) for n in task_names]
+        if not names:
+            raise ValueError(f"{type(self).__name__} needs at least one task")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names repeat: {names}")
+        if self.built and names != self.task_names:
+            raise ValueError(
+                f"{type(self).__name__} was built for tasks {self.task_names}; "
+                f"cannot rebuild it for {names}. Create a new strategy."
+            )
+        first = not self.built
+        self.task_names = names
+        self.task_kinds = dict(task_kinds or {})
+        if first:
+            self.create_state()
+        if self.trainable_variables and self.optimizer is None:
+            if model_optimizer is None:
+                raise ValueError(
+                    f"{type(self).__name__} has learnable parameters: pass "
+                    "optimizer=... or build it through MultiTaskModel.compile"
+                )
+            # A LossScaleOptimizer's own scale would shrink these (unscaled)
+            # gradients; copy the optimizer it wraps.
+            base = getattr(model_optimizer, "inner_optimizer", model_optimizer)
+            self.optimizer = base.__class__.from_config(base.get_config())
+        if self.trainable_variables and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def create_state(self) -> None:
+        """Create Keras variables (called once by ``build``)."""
+
+    @property
+    def trainable_variables(self) -> list:
+        """Learnable parameters of the strategy (trained by ``optimizer``)."""
+        return []
+
+    def apply_gradients(self, gradients: Sequence) -> None:
+        """One optimizer step on ``trainable_variables``."""
+        self.optimizer.apply(list(gradients), self.trainable_variables)
+
+    # -- per-step interface -----------------------------------------------------
+    def check_losses(self, losses):
+        """``losses`` as a float32 ``(T,)`` tensor, or a ValueError naming tasks."""
+        return _check_vector(losses, self.num_tasks, "loss vector", self.task_names)
+
+    def combine_losses(self, losses, present=None):
+        """Mode ``"losses"``: ``(objective, weights)`` for the ``(T,)`` losses.
+
+        ``present`` is an optional ``(T,)`` mask of tasks with at least one label
+        in the batch (partial labels); absent tasks have loss 0.
+        """
+        raise NotImplementedError(f"{type(self).__name__} combines gradients")
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        """Gradient modes: a :class:`Combination` from the Gram matrix.
+
+        Parameters
+        ----------
+        gram:
+            ``(T, T)`` Gram matrix of the per-task gradients.
+        losses:
+            ``(T,)`` task losses.
+        gradients:
+            Optional ``(T, P)`` gradients themselves.
+        present:
+            Optional ``(T,)`` mask of tasks with labels in the batch; an absent
+            task's gradient row is zero.
+        """
+        raise NotImplementedError(f"{type(self).__name__} combines losses")
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None) -> None:
+        """Hook called by ``MultiTaskModel.fit`` after each epoch."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class EqualWeighting(Weighting):
+    """Sum of task losses, every weight 1: the strong baseline (Kurin et al. 2022;
+    Xin et al. 2022)."""
+
+    def combine_losses(self, losses, present=None):
+        losses = self.check_losses(losses)
+        return ops.sum(losses), ops.ones_like(losses)
+
+
+class StaticWeighting(Weighting):
+    """Fixed, hand-chosen loss weights.
+
+    Parameters
+    ----------
+    weights:
+        A mapping ``{task: weight}`` (missing tasks get weight 1) or a sequence in
+        task order.
+    """
+
+    def __init__(self, weights: Mapping[str, float] | Sequence[float]):
+        super().__init__()
+        self.spec = dict(weights) if isinstance(weights, Mapping) else list(weights)
+
+    def create_state(self) -> None:
+        if isinstance(self.spec, dict):
+            unknown = [k for k in self.spec if k not in self.task_names]
+            if unknown:
+                raise ValueError(
+                    f"StaticWeighting got weights for unknown task(s) {unknown}; "
+                    f"the tasks are {self.task_names}"
+                )
+            values = [float(self.spec.get(n, 1.0)) for n in self.task_names]
+        else:
+            if len(self.spec) != self.num_tasks:
+                raise ValueError(
+                    f"StaticWeighting has {len(self.spec)} weights but there are "
+                    f"{self.num_tasks} tasks {self.task_names}"
+                )
+            values = [float(v) for v in self.spec]
+        self._weights = np.asarray(values, "float32")
+
+    def combine_losses(self, losses, present=None):
+        losses = self.check_losses(losses)
+        w = ops.convert_to_tensor(self._weights)
+        return ops.sum(w * losses), w
+
+
+class UncertaintyWeighting(Weighting):
+    """Learned homoscedastic-uncertainty weights (Kendall, Gal and Cipolla 2018).
+
+    Holds one learnable log-variance ``s_i = log sigma_i^2`` per task, trained
+    jointly with the network on the objective of
+    :func:`uncertainty_weighted_loss`.
+
+    Parameters
+    ----------
+    form:
+        ``"regression"`` (default): ``0.5 exp(-s) L + 0.5 s`` for every task, the
+        common implementation. ``"paper"``: the classification form
+        ``exp(-s) L + 0.5 s`` for segmentation/classification tasks (needs task
+        kinds, given when ``compile`` receives :class:`~mtl_utils.tasks.Task`
+        objects). Or a mapping ``{task: "regression" | "classification"}``.
+    initial_log_variance:
+        Starting ``s`` (0: every sigma 1).
+    optimizer:
+        Trains ``s``; default a copy of the model's optimizer.
+    """
+
+    def __init__(
+        self,
+        form: str | Mapping[str, str] = "regression",
+        initial_log_variance: float = 0.0,
+        optimizer: keras.optimizers.Optimizer | None = None,
+    ):
+        super().__init__(optimizer)
+        if isinstance(form, str) and form not in ("regression", "paper"):
+            raise ValueError(
+                f"form must be 'regression', 'paper' or a mapping; got {form!r}"
+            )
+        self.form = form
+        self.initial_log_variance = float(initial_log_variance)
+        self.log_variance = None
+
+    def create_state(self) -> None:
+        if isinstance(self.form, Mapping):
+            forms = dict(self.form)
+            unknown = [k for k in forms if k not in self.task_names]
+            bad = {
+                k: v
+                for k, v in forms.items()
+                if v not in ("regression", "classification")
+            }
+            if unknown or bad:
+                raise ValueError(
+                    f"form mapping must use task names {self.task_names} and values "
+                    f"'regression'/'classification'; got {forms}"
+                )
+            cls = [
+                forms.get(n, "regression") == "classification" for n in self.task_names
+            ]
+        elif self.form == "paper":
+            missing = [n for n in self.task_names if n not in self.task_kinds]
+            if missing:
+                raise ValueError(
+                    "form='paper' needs the kind of every task; unknown for "
+                    f"{missing}. "
+                    "Pass Task objects to compile(losses=...) or give form as a "
+                    "mapping {task: 'regression' | 'classification'}"
+                )
+            cls = [
+                self.task_kinds[n] in ("segmentation", "classification")
+                for n in self.task_names
+            ]
+        else:
+            cls = [False] * self.num_tasks
+        self.classification = np.asarray(cls, bool)
+        self.log_variance = keras.Variable(
+            np.full((self.num_tasks,), self.initial_log_variance, "float32"),
+            trainable=True,
+            name="log_variance",
+        )
+
+    @property
+    def trainable_variables(self) -> list:
+        return [] if self.log_variance is None else [self.log_variance]
+
+    @property
+    def sigma(self):
+        """``(T,)`` current standard deviations ``exp(s / 2)``."""
+        return ops.exp(0.5 * ops.convert_to_tensor(self.log_variance))
+
+    def combine_losses(self, losses, present=None):
+        losses = self.check_losses(losses)
+        return uncertainty_weighted_loss(
+            losses, self.log_variance, self.classification.astype("float32"), present
+        )
+
+
+class DynamicWeightAverage(Weighting):
+    """Dynamic weight average (Liu, Johns and Davison 2019).
+
+    Weights are 1 during the first two epochs; afterwards
+    :func:`dwa_weights` of the two previous epochs' average (unweighted) task
+    losses, read from the training logs (``<task>_loss``) at each epoch end.
+
+    Parameters
+    ----------
+    temperature:
+        Softness of the weights (2 in the paper).
+    """
+
+    def __init__(self, temperature: float = 2.0):
+        super().__init__()
+        self.temperature = float(temperature)
+        self.history: list[np.ndarray] = []
+
+    def create_state(self) -> None:
+        self.weights = keras.Variable(
+            np.ones((self.num_tasks,), "float32"),
+            trainable=False,
+            name="dwa_weights",
+            aggregation="only_first_replica",
+        )
+
+    def combine_losses(self, losses, present=None):
+        losses = self.check_losses(losses)
+        w = ops.copy(self.weights)
+        return ops.sum(w * losses), w
+
+    def record_epoch(self, epoch_losses: Sequence[float]) -> None:
+        """Add one epoch's average task losses and update the weights."""
+        values = np.asarray(epoch_losses, "float32")
+        if values.shape != (self.num_tasks,):
+            raise ValueError(
+                f"expected {self.num_tasks} epoch losses "
+                f"({', '.join(self.task_names)}), got shape {values.shape}"
+            )
+        self.history.append(values)
+        if len(self.history) >= 2:
+            w = dwa_weights(self.history[-1], self.history[-2], self.temperature)
+            self.weights.assign(w)
+
+    def on_epoch_end(self, epoch, logs):
+        logs = logs or {}
+        keys = [f"{n}_loss" for n in self.task_names]
+        missing = [k for k in keys if k not in logs]
+        if missing:
+            raise ValueError(
+                f"DynamicWeightAverage needs the epoch's task losses {keys} in the "
+                f"logs; missing {missing}"
+            )
+        self.record_epoch([float(logs[k]) for k in keys])
+
+
+class RandomLossWeighting(Weighting):
+    """Random loss weights drawn every step (RLW; Lin et al. 2021).
+
+    Parameters
+    ----------
+    seed:
+        Seed of the strategy's :class:`keras.random.SeedGenerator`.
+    """
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self.seed = seed
+
+    def create_state(self) -> None:
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
+
+    def combine_losses(self, losses, present=None):
+        losses = self.check_losses(losses)
+        w = random_loss_weights(self.num_tasks, seed=self.seed_generator)
+        return ops.sum(w * losses), w
+
+
+class GradNorm(Weighting):
+    """Gradient normalisation (Chen et al. 2018).
+
+    Loss weights ``w`` (initially 1) are trained on
+    :func:`gradnorm_weight_gradient`, measured at the last shared layer, then
+    renormalised to sum to ``T``. The network is trained on ``sum_i w_i L_i``
+    with the weights of the current step.
+
+    Parameters
+    ----------
+    alpha:
+        Restoring-force strength (the paper uses 0.12 to 1.5; 1.5 on NYUv2).
+    optimizer:
+        Trains ``w``; default a copy of the model's optimizer.
+    """
+
+    mode = "last_shared_layer"
+
+    def __init__(
+        self, alpha: float = 1.5, optimizer: keras.optimizers.Optimizer | None = None
+    ):
+        super().__init__(optimizer)
+        self.alpha = float(alpha)
+        self.weights = None
+
+    def create_state(self) -> None:
+        n = self.num_tasks
+        self.weights = keras.Variable(
+            np.ones((n,), "float32"), trainable=True, name="gradnorm_weights"
+        )
+        self.initial_losses = keras.Variable(
+            np.zeros((n,), "float32"),
+            trainable=False,
+            name="initial_losses",
+            aggregation="only_first_replica",
+        )
+        self.step = keras.Variable(
+            0,
+            dtype="int32",
+            trainable=False,
+            name="step",
+            aggregation="only_first_replica",
+        )
+
+    @property
+    def trainable_variables(self) -> list:
+        return [] if self.weights is None else [self.weights]
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        losses = self.check_losses(losses)
+        gram = _check_gram(gram)
+        # Read the state now: a converted variable is read lazily, which would see
+        # the assignments below.
+        w = ops.copy(self.weights)
+        first = ops.equal(ops.copy(self.step), 0)
+        initial = ops.where(first, losses, ops.copy(self.initial_losses))
+        self.initial_losses.assign(initial)
+        self.step.assign_add(1)
+        norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
+        grad, _ = gradnorm_weight_gradient(w, norms, losses, initial, self.alpha)
+        self.apply_gradients([grad])
+        new_w = ops.maximum(ops.copy(self.weights), 1e-6)
+        self.weights.assign(new_w * (self.num_tasks / ops.sum(new_w)))
+        return Combination(shared=w, heads=w)
+
+
+class PCGrad(Weighting):
+    """Projecting conflicting gradients (Yu et al. 2020); see :func:`pcgrad`.
+
+    Shared parameters get the summed projected gradients (tasks visited in a
+    fresh random order each step); each head gets its own task's gradient.
+    """
+
+    mode = "shared_parameters"
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self.seed = seed
+
+    def create_state(self) -> None:
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        n = self.num_tasks
+        keys = keras.random.uniform((n, n), seed=self.seed_generator)
+        order = ops.argsort(keys, axis=-1)
+        coef = pcgrad_coefficients(gram, order)
+        return Combination(shared=coef, heads=ops.ones((n,), "float32"))
+
+
+class MGDA(Weighting):
+    """Multiple-gradient descent (Sener and Koltun 2018); see :func:`mgda_weights`.
+
+    Parameters
+    ----------
+    upper_bound:
+        ``False``: min-norm weights of the gradients of all shared parameters.
+        ``True`` (MGDA-UB): of the gradients with respect to the shared
+        representation ``z`` (the encoder output), an upper bound that needs no
+        per-task backward pass through the encoder.
+    normalization:
+        Gradient normalisation before solving, as in the authors' code:
+        ``"none"``, ``"l2"`` (``g / ||g||``), ``"loss"`` (``g / L``) or
+        ``"loss+"`` (``g / (L ||g||)``). Weights are applied to the raw losses.
+
+    The shared update and every head use the MGDA weights (the authors' code
+    back-propagates ``sum_i a_i L_i``).
+    """
+
+    def __init__(self, upper_bound: bool = False, normalization: str = "none"):
+        super().__init__()
+        if normalization not in ("none", "l2", "loss", "loss+"):
+            raise ValueError(
+                "normalization must be 'none', 'l2', 'loss' or 'loss+'; got "
+                f"{normalization!r}"
+            )
+        self.upper_bound = bool(upper_bound)
+        self.normalization = normalization
+        self.mode = "representation" if upper_bound else "shared_parameters"
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        losses = self.check_losses(losses)
+        gram = _check_gram(gram)
+        norms = ops.sqrt(ops.maximum(ops.diagonal(gram), _TINY))
+        if self.normalization == "l2":
+            d = norms
+        elif self.normalization == "loss":
+            d = ops.maximum(losses, _TINY)
+        elif self.normalization == "loss+":
+            d = ops.maximum(losses, _TINY) * norms
+        else:
+            d = ops.ones_like(norms)
+        scaled = _fill_absent(gram / (d[:, None] * d[None, :]), present)
+        w = _zero_absent(mgda_weights_from_gram(scaled) / d, present)
+        return Combination(shared=w, heads=w)
+
+    def __repr__(self) -> str:
+        return (
+            f"MGDA(upper_bound={self.upper_bound}, "
+            f"normalization={self.normalization!r})"
+        )
+
+
+class CAGrad(Weighting):
+    """Conflict-averse gradient descent (Liu et al. 2021); see :func:`cagrad`.
+
+    The shared update is ``T * cagrad(G, c)``, so that ``c = 0`` equals equal
+    weighting (the gradient of the summed loss); heads get their own gradients.
+
+    Parameters
+    ----------
+    c:
+        Ball radius (0.4 on NYUv2 in the paper).
+    rescale:
+        Divide by ``1 + c^2`` as the authors' code does.
+    """
+
+    mode = "shared_parameters"
+
+    def __init__(self, c: float = 0.4, rescale: bool = True, iterations: int = 200):
+        super().__init__()
+        if c < 0:
+            raise ValueError(f"c must be >= 0, got {c}")
+        self.c = float(c)
+        self.rescale = bool(rescale)
+        self.iterations = int(iterations)
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        coef = cagrad_coefficients(gram, self.c, self.rescale, self.iterations)
+        n = self.num_tasks
+        return Combination(shared=n * coef, heads=ops.ones((n,), "float32"))
+
+    def __repr__(self) -> str:
+        return f"CAGrad(c={self.c})"
+
+
+class IMTL(Weighting):
+    """Impartial MTL, gradient part IMTL-G (Liu et al. 2021); see
+    :func:`imtl_weights`. Heads get their own gradients."""
+
+    mode = "shared_parameters"
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        w = _zero_absent(
+            imtl_weights(_fill_absent(_check_gram(gram), present)), present
+        )
+        return Combination(shared=w, heads=ops.ones_like(w))
+
+
+class NashMTL(Weighting):
+    """Nash bargaining (Navon et al. 2022); see :func:`nash_mtl_weights`.
+    The network is trained on ``sum_i a_i L_i``."""
+
+    mode = "shared_parameters"
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        w = _zero_absent(
+            nash_mtl_weights(_fill_absent(_check_gram(gram), present)), present
+        )
+        return Combination(shared=w, heads=w)
+
+
+class AlignedMTL(Weighting):
+    """Aligned-MTL (Senushkin et al. 2023); see :func:`aligned_mtl_coefficients`.
+    Heads get their own gradients."""
+
+    mode = "shared_parameters"
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        coef = aligned_mtl_coefficients(_fill_absent(_check_gram(gram), present))
+        coef = _zero_absent(coef, present)
+        return Combination(shared=coef, heads=ops.ones((self.num_tasks,), "float32"))
+
+
+_BY_NAME = {
+    "equal": EqualWeighting,
+    "uncertainty": UncertaintyWeighting,
+    "dwa": DynamicWeightAverage,
+    "rlw": RandomLossWeighting,
+    "gradnorm": GradNorm,
+    "pcgrad": PCGrad,
+    "mgda": MGDA,
+    "mgda_ub": lambda: MGDA(upper_bound=True),
+    "cagrad": CAGrad,
+    "imtl": IMTL,
+    "nash_mtl": NashMTL,
+    "aligned_mtl": AlignedMTL,
+}
+
+
+def get(identifier: str | Weighting | None) -> Weighting:
+    """A strategy from a short name (``"pcgrad"``, ``"mgda_ub"``, ...) or as is.
+
+    ``None`` gives :class:`EqualWeighting`.
+    """
+    if identifier is None:
+        return EqualWeighting()
+    if isinstance(identifier, Weighting):
+        return identifier
+    if isinstance(identifier, str) and identifier.lower() in _BY_NAME:
+        return _BY_NAME[identifier.lower()]()
+    raise ValueError(
+        f"unknown weighting {identifier!r}; expected a Weighting or one of "
+        f"{sorted(_BY_NAME)}"
+    )
