@@ -275,10 +275,10 @@ class MultiHeadAttention(keras.layers.Layer):
     takes its fused path (``dropout == 0`` and ``return_attention_scores=False``:
     ``keras.ops.dot_product_attention``) and *zero* weights (output = output
     bias) otherwise (``keras.layers.Softmax`` zeroes masked positions). This
-    layer reproduces both cases, so it stays a drop-in replacement. Keras'
-    implicit masks (``Embedding(mask_zero=True)``), ``attention_axes``,
-    ``use_causal_mask``, gates and sliding windows are not supported: pass an
-    explicit ``attention_mask``.
+    layer reproduces both cases, so it stays a drop-in replacement. Implicit
+    masks (``Embedding(mask_zero=True)``) are merged into the attention mask as
+    Keras does: padded queries and padded keys are masked. ``attention_axes``,
+    ``use_causal_mask``, gates and sliding windows are not supported.
 
     References
     ----------
@@ -321,6 +321,7 @@ class MultiHeadAttention(keras.layers.Layer):
             for size in output_shape:
                 _check_positive_int(size, "every entry of output_shape")
         super().__init__(**kwargs)
+        self.supports_masking = True  # the output keeps the query's implicit mask
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.value_dim = value_dim if value_dim is not None else key_dim
@@ -588,10 +589,30 @@ class MultiHeadAttention(keras.layers.Layer):
         attention_mask: Any = None,
         return_attention_scores: bool = False,
         training: bool | None = None,
+        query_mask: Any = None,
+        value_mask: Any = None,
+        key_mask: Any = None,
     ):
+        # Keras fills query_mask/value_mask/key_mask from the inputs' implicit
+        # masks (e.g. Embedding(mask_zero=True)); like keras.layers.MultiHeadAttention
+        # they are merged into the attention mask: (B, Tq, 1) & (B, 1, Tk).
+        key_given = key is not None and key is not value
         if key is None:
             key = value
         self._check_shapes(_shape(query), _shape(value), _shape(key))
+        implicit = []
+        if query_mask is not None:
+            implicit.append(ops.expand_dims(ops.cast(query_mask, "bool"), -1))
+        if value_mask is not None:
+            implicit.append(ops.expand_dims(ops.cast(value_mask, "bool"), -2))
+        if key_mask is not None and key_given:
+            implicit.append(ops.expand_dims(ops.cast(key_mask, "bool"), -2))
+        if implicit:
+            if attention_mask is not None:
+                implicit.append(ops.cast(attention_mask, "bool"))
+            attention_mask = implicit[0]
+            for extra in implicit[1:]:
+                attention_mask = ops.logical_and(attention_mask, extra)
         q = self._split_heads(query, self.query_kernel, self.query_bias)  # (B,N,Tq,k)
         k = self._split_heads(key, self.key_kernel, self.key_bias)  # (B,N,Tk,k)
         v = self._split_heads(value, self.value_kernel, self.value_bias)  # (B,N,Tk,v)

@@ -580,3 +580,31 @@ def test_task_query_attention_head_in_functional_model_gives_per_task_outputs():
     ref = keras.layers.MultiHeadAttention(4, 4, output_shape=5)
     ref(np.zeros((1, 3, 8), "float32"), np.zeros((1, 36, 8), "float32"))
     assert model.count_params() == 3 * 1 * 8 + ref.count_params()
+
+
+def _masked_sequence_model(attention_layer):
+    tokens = keras.Input((None,), dtype="int32")
+    x = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
+    y = attention_layer(x, x)
+    pooled = keras.layers.GlobalAveragePooling1D()(y)
+    return keras.Model(tokens, [y, pooled])
+
+
+def test_implicit_padding_masks_are_used_like_keras():
+    """Embedding(mask_zero=True) masks reach the attention as Keras' layer uses them."""
+    keras.utils.set_random_seed(0)
+    ref = _masked_sequence_model(keras.layers.MultiHeadAttention(2, 4))
+    ours = _masked_sequence_model(MultiHeadAttention(2, 4))
+    ours.set_weights(ref.get_weights())
+    tokens = np.array([[3, 5, 7, 0, 0, 0], [1, 2, 0, 0, 0, 0]], dtype="int32")
+    longer = np.pad(tokens, ((0, 0), (0, 5)))  # more padding changes nothing
+    for batch in (tokens, longer):
+        (ref_seq, ref_pool), (seq, pool) = ref(batch), ours(batch)
+        valid = batch != 0
+        np.testing.assert_allclose(
+            np.asarray(seq)[valid], np.asarray(ref_seq)[valid], atol=1e-5
+        )
+        np.testing.assert_allclose(np.asarray(pool), np.asarray(ref_pool), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ours(tokens)[1]), np.asarray(ours(longer)[1]), atol=1e-5
+    )
