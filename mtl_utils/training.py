@@ -43,6 +43,10 @@ the shared layers once, as equal weighting does. If a shared layer is called
 again inside a head (tied weights), the model falls back to one vectorised
 Jacobian of the stacked task losses.
 
+Saving: ``model.save("m.keras")`` and ``keras.models.load_model("m.keras")``
+round-trip the architecture (with its representation) and weights; ``compile``
+again after loading (losses and the strategy's state are not saved).
+
 Only the TensorFlow backend is supported (``train_step`` uses
 ``tf.GradientTape``).
 """
@@ -220,6 +224,7 @@ class _State:
         self.compiled = False
 
 
+@keras.saving.register_keras_serializable(package="mtl_utils")
 class MultiTaskModel(keras.Model):
     """A functional Keras model with one output per task and task balancing.
 
@@ -297,6 +302,46 @@ class MultiTaskModel(keras.Model):
         # Stored without Keras tracking (the model is already built and locked).
         object.__setattr__(self, "_mtl", state)
         self.nan_loss_message = None
+
+    # ------------------------------------------------------------ serialisation
+    def get_config(self) -> dict:
+        """The functional config plus the representation's layer and index.
+
+        ``model.save("m.keras")`` / ``keras.models.load_model("m.keras")`` round-
+        trip the architecture and weights; call ``compile`` again after loading
+        (the strategy's own state is not saved).
+        """
+        st = self._mtl
+        config = keras.Model(inputs=st.inputs, outputs=st.outputs).get_config()
+        config["name"] = self.name
+        if st.representation is not None:
+            history = st.representation._keras_history
+            config["representation"] = [history.operation.name, history.tensor_index]
+        if st.last_shared_layer is not None:
+            config["last_shared_layer"] = st.last_shared_layer.name
+        return config
+
+    def get_compile_config(self):
+        """None: ``compile`` (losses, strategy) is not saved; call it after loading."""
+        return None
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None):
+        config = dict(config)
+        rep = config.pop("representation", None)
+        last = config.pop("last_shared_layer", None)
+        plain = keras.Model.from_config(config, custom_objects=custom_objects)
+        representation = None
+        if rep is not None:  # the (last) call of that layer in the rebuilt graph
+            node = plain.get_layer(rep[0])._inbound_nodes[-1]
+            representation = node.output_tensors[rep[1]]
+        return cls(
+            plain.input,
+            plain.output,
+            representation=representation,
+            last_shared_layer=plain.get_layer(last) if last else None,
+            name=plain.name,
+        )
 
     # ----------------------------------------------------------------- analysis
     @property
@@ -741,9 +786,10 @@ class MultiTaskModel(keras.Model):
             scaled = [loss * factor for loss in losses]
             scaled_vec = ops.stack(scaled)
             scaled_reg = reg * factor
-        loss_vec = ops.stack(losses)
+        # Strategies see the losses and label counts of the global batch.
+        loss_vec = self._all_reduce(ops.stack(losses)) / replicas
         counts = self._labelled_counts(x, y)
-        present = ops.cast(ops.stack(counts) > 0, "float32")
+        present = ops.cast(self._all_reduce(ops.stack(counts)) > 0, "float32")
         true_scale = factor * replicas
 
         # Stage 1: one backward pass through each head gives the task's gradient
@@ -773,47 +819,91 @@ class MultiTaskModel(keras.Model):
                 tape.gradient(s_i, z, unconnected_gradients=zero) for s_i in scaled
             ]
 
-        # The per-task gradients the strategy looks at, and its combination.
-        flat = None
+        def weighted_shared_grads(coef):
+            """Shared gradients of sum_i coef_i L_i: one backward pass."""
+            if staged:
+                cotangents = [
+                    sum(coef[i] * bgrads[i][k] for i in range(n)) for k in range(nb)
+                ]
+                return tape.gradient(
+                    boundary,
+                    _raw(shared_vars),
+                    output_gradients=cotangents,
+                    unconnected_gradients=zero,
+                )
+            return tape.gradient(
+                scaled_vec,
+                _raw(shared_vars),
+                output_gradients=coef,
+                unconnected_gradients=zero,
+            )
+
+        def per_task_local(variables):
+            """(T, P) per-task gradients of ``variables`` on this replica."""
+            if staged:
+                return self._boundary_vjps(tape, boundary, bgrads, variables)
+            return self._flat_jacobian(tape, scaled_vec, variables)
+
+        def per_task_matrix(variables):
+            """(T, P) per-task gradients (true scale, summed over replicas)."""
+            return self._all_reduce(per_task_local(variables)) / true_scale
+
+        def coefficients(combo):
+            return (
+                ops.stop_gradient(ops.cast(combo.shared, "float32")),
+                ops.stop_gradient(ops.cast(combo.heads, "float32")),
+            )
+
+        # The gradients the strategy looks at, its combination, and the shared
+        # parameters' gradients.
         if mode == "representation":
             zflat = ops.reshape(ops.stack(zgrads), (n, -1))
             gram = self._all_reduce(ops.matmul(zflat, ops.transpose(zflat)))
             gram = gram / ops.square(true_scale)
-        else:
-            variables = (
-                info["last_layer_vars"] if mode == "last_shared_layer" else shared_vars
-            )
-            if staged:
-                flat = self._boundary_vjps(tape, boundary, bgrads, variables)
-            else:
-                flat = self._flat_jacobian(tape, scaled_vec, variables)
-            flat = self._all_reduce(flat) / true_scale
+            combo = strategy.combine_gradients(gram, loss_vec, None, present)
+            shared_coef, head_coef = coefficients(combo)
+            shared_grads = weighted_shared_grads(shared_coef)
+        elif mode == "last_shared_layer":
+            flat = per_task_matrix(info["last_layer_vars"])
             gram = ops.matmul(flat, ops.transpose(flat))
-        combo = strategy.combine_gradients(gram, loss_vec, flat, present)
-        shared_coef = ops.stop_gradient(ops.cast(combo.shared, "float32"))
-        head_coef = ops.stop_gradient(ops.cast(combo.heads, "float32"))
-
-        # Stage 2: gradients of the shared parameters.
-        if mode == "shared_parameters":
+            combo = strategy.combine_gradients(gram, loss_vec, flat, present)
+            shared_coef, head_coef = coefficients(combo)
+            shared_grads = weighted_shared_grads(shared_coef)
+        elif strategy.update_every == 1:
+            flat = per_task_matrix(shared_vars)
+            gram = ops.matmul(flat, ops.transpose(flat))
+            combo = strategy.combine_gradients(gram, loss_vec, flat, present)
+            shared_coef, head_coef = coefficients(combo)
             d = ops.matmul(shared_coef[None, :], flat)[0] * factor
             shared_grads = self._unflatten(d, shared_vars)
-        elif staged:
-            cotangents = [
-                sum(shared_coef[i] * bgrads[i][k] for i in range(n)) for k in range(nb)
-            ]
-            shared_grads = tape.gradient(
-                boundary,
-                _raw(shared_vars),
-                output_gradients=cotangents,
-                unconnected_gradients=zero,
-            )
         else:
-            shared_grads = tape.gradient(
-                scaled_vec,
-                _raw(shared_vars),
-                output_gradients=shared_coef,
-                unconnected_gradients=zero,
+            # Recompute every k-th step, else reuse the last coefficients. The
+            # replicas' all-reduce stays outside tf.cond (tf.distribute needs it).
+            last = strategy.last_combination
+            every = ops.cast(strategy.update_every, self.optimizer.iterations.dtype)
+            due = ops.equal(self.optimizer.iterations % every, 0)
+            size = sum(int(np.prod(v.shape)) for v in shared_vars)
+            local = tf.cond(
+                due,
+                lambda: per_task_local(shared_vars),
+                lambda: tf.zeros((n, size), "float32"),
             )
+            flat = self._all_reduce(local) / true_scale
+
+            def recompute():
+                gram = ops.matmul(flat, ops.transpose(flat))
+                combo = strategy.combine_gradients(gram, loss_vec, flat, present)
+                shared_coef, head_coef = coefficients(combo)
+                d = ops.matmul(shared_coef[None, :], flat)[0] * factor
+                return [shared_coef, head_coef] + self._unflatten(d, shared_vars)
+
+            def reuse():
+                coef = ops.copy(last)
+                return [coef[0], coef[1]] + list(weighted_shared_grads(coef[0]))
+
+            out = tf.cond(due, recompute, reuse)
+            shared_coef, head_coef, shared_grads = out[0], out[1], out[2:]
+            last.assign(ops.stack([shared_coef, head_coef]))
         grads = {id(v): g for v, g in zip(shared_vars, shared_grads, strict=True)}
         # Heads: each gets its own task's gradient times heads[i].
         if not head_grads:

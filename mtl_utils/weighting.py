@@ -17,14 +17,19 @@ Two layers, as everywhere in ``mtl_utils``:
   :class:`mtl_utils.training.MultiTaskModel` calls once per training step. A
   strategy declares in ``mode`` what it needs:
 
-  ======================  ==================================================  ====
-  mode                    input per step                                      cost
-  ======================  ==================================================  ====
-  ``losses``              the loss vector ``(T,)``                            ~1x
-  ``representation``      gradients w.r.t. the shared representation ``z``    low
-  ``last_shared_layer``   gradients w.r.t. the last shared layer's weights    low
-  ``shared_parameters``   gradients w.r.t. all shared parameters ``(T, P)``   high
-  ======================  ==================================================  ====
+  ======================  =================================================  =====
+  mode                    input per step                                     cost
+  ======================  =================================================  =====
+  ``losses``              the loss vector ``(T,)``                           1.0x
+  ``representation``      gradients w.r.t. the shared representation ``z``   1.02x
+  ``last_shared_layer``   gradients w.r.t. the last shared layer's weights   1.02x
+  ``shared_parameters``   gradients w.r.t. all shared parameters ``(T, P)``  1.75x
+  ======================  =================================================  =====
+
+  (Step time relative to equal weighting, measured by
+  ``benchmarks/weighting_speed.py`` for the chapter model with four tasks on a
+  CPU; the last row grows with the number of tasks: one backward pass through
+  the shared layers per task.)
 
   Loss-based strategies return a scalar objective; gradient-based ones return a
   :class:`Combination`: coefficients ``shared`` for the rows of ``G`` (the shared
@@ -768,6 +773,15 @@ def _fill_absent(gram, present):
     return gram * both + ops.eye(n) * (1.0 - mask)[:, None] * big
 
 
+def _num_replicas() -> int:
+    """Replicas of the current ``tf.distribute`` strategy (1 without one)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
 def _zero_absent(weights, present):
     return weights if present is None else weights * _as_float(present)
 
@@ -804,14 +818,28 @@ class Weighting:
 
     Subclasses set ``mode`` (see the module docstring) and override
     ``combine_losses`` (mode ``"losses"``) or ``combine_gradients``.
+
+    ``update_every=k`` (mode ``"shared_parameters"``) recomputes the per-task
+    gradients and the combination only every ``k``-th step and reuses the last
+    coefficients in between, which then cost one backward pass like equal
+    weighting. Navon et al. (2022) do this for Nash-MTL; for other methods it is
+    an approximation of the paper's update. Default 1 (every step).
     """
 
     mode: str = "losses"
 
-    def __init__(self, optimizer: keras.optimizers.Optimizer | None = None):
+    def __init__(
+        self,
+        optimizer: keras.optimizers.Optimizer | None = None,
+        update_every: int = 1,
+    ):
         self.task_names: list[str] | None = None
         self.task_kinds: dict[str, str] = {}
         self.optimizer = optimizer
+        if int(update_every) < 1:
+            raise ValueError(f"update_every must be >= 1, got {update_every}")
+        self.update_every = int(update_every)
+        self.last_combination = None
 
     # -- building ---------------------------------------------------------------
     @property
@@ -858,6 +886,13 @@ class Weighting:
         self.task_kinds = dict(task_kinds or {})
         if first:
             self.create_state()
+            if self.update_every > 1:
+                self.last_combination = keras.Variable(
+                    np.ones((2, len(names)), "float32"),
+                    trainable=False,
+                    name="last_combination",
+                    aggregation="only_first_replica",
+                )
         if self.trainable_variables and self.optimizer is None:
             if model_optimizer is None:
                 raise ValueError(
@@ -1200,7 +1235,8 @@ class GradNorm(Weighting):
         self.step.assign_add(1)
         norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
         grad, _ = gradnorm_weight_gradient(w, norms, losses, initial, self.alpha)
-        self.apply_gradients([grad])
+        # Every replica computes the same gradient and the optimizer sums them.
+        self.apply_gradients([grad / _num_replicas()])
         new_w = ops.maximum(ops.copy(self.weights), 1e-6)
         self.weights.assign(new_w * (self.num_tasks / ops.sum(new_w)))
         return Combination(shared=w, heads=w)
@@ -1211,12 +1247,20 @@ class PCGrad(Weighting):
 
     Shared parameters get the summed projected gradients (tasks visited in a
     fresh random order each step); each head gets its own task's gradient.
+
+    Parameters
+    ----------
+    seed:
+        Seed of the random task orders.
+    update_every:
+        Recompute the combination every this many steps (see
+        :class:`Weighting`); default 1.
     """
 
     mode = "shared_parameters"
 
-    def __init__(self, seed: int | None = None):
-        super().__init__()
+    def __init__(self, seed: int | None = None, update_every: int = 1):
+        super().__init__(update_every=update_every)
         self.seed = seed
 
     def create_state(self) -> None:
@@ -1246,13 +1290,21 @@ class MGDA(Weighting):
         Gradient normalisation before solving, as in the authors' code:
         ``"none"``, ``"l2"`` (``g / ||g||``), ``"loss"`` (``g / L``) or
         ``"loss+"`` (``g / (L ||g||)``). Weights are applied to the raw losses.
+    update_every:
+        Full MGDA only: recompute the weights every this many steps (see
+        :class:`Weighting`); default 1.
 
     The shared update and every head use the MGDA weights (the authors' code
     back-propagates ``sum_i a_i L_i``).
     """
 
-    def __init__(self, upper_bound: bool = False, normalization: str = "none"):
-        super().__init__()
+    def __init__(
+        self,
+        upper_bound: bool = False,
+        normalization: str = "none",
+        update_every: int = 1,
+    ):
+        super().__init__(update_every=update_every)
         if normalization not in ("none", "l2", "loss", "loss+"):
             raise ValueError(
                 "normalization must be 'none', 'l2', 'loss' or 'loss+'; got "
@@ -1299,12 +1351,23 @@ class CAGrad(Weighting):
         Ball radius (0.4 on NYUv2 in the paper).
     rescale:
         Divide by ``1 + c^2`` as the authors' code does.
+    iterations:
+        Solver steps for more than two tasks (:func:`cagrad_coefficients`).
+    update_every:
+        Recompute the combination every this many steps (see
+        :class:`Weighting`); default 1.
     """
 
     mode = "shared_parameters"
 
-    def __init__(self, c: float = 0.4, rescale: bool = True, iterations: int = 200):
-        super().__init__()
+    def __init__(
+        self,
+        c: float = 0.4,
+        rescale: bool = True,
+        iterations: int = 200,
+        update_every: int = 1,
+    ):
+        super().__init__(update_every=update_every)
         if c < 0:
             raise ValueError(f"c must be >= 0, got {c}")
         self.c = float(c)
@@ -1328,6 +1391,9 @@ class IMTL(Weighting):
 
     mode = "shared_parameters"
 
+    def __init__(self, update_every: int = 1):
+        super().__init__(update_every=update_every)
+
     def combine_gradients(
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
@@ -1343,6 +1409,9 @@ class NashMTL(Weighting):
 
     mode = "shared_parameters"
 
+    def __init__(self, update_every: int = 1):
+        super().__init__(update_every=update_every)
+
     def combine_gradients(
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
@@ -1357,6 +1426,9 @@ class AlignedMTL(Weighting):
     Heads get their own gradients."""
 
     mode = "shared_parameters"
+
+    def __init__(self, update_every: int = 1):
+        super().__init__(update_every=update_every)
 
     def combine_gradients(
         self, gram, losses, gradients=None, present=None

@@ -273,6 +273,28 @@ def test_mgda_ub_step_uses_min_norm_weights_of_representation_gradients(
     _assert_sgd_update(model, before, expected, lr)
 
 
+def test_update_every_reuses_the_last_mgda_weights_between_recomputations():
+    keras.utils.set_random_seed(8)
+    model = tiny_model(TWO)
+    x, y = scene_like_batch(4)
+    lr = 0.2
+    model.compile(
+        keras.optimizers.SGD(lr), losses=TWO, weighting=W.MGDA(update_every=2)
+    )
+    shared = [v.path for v in model.trainable_variables if _is_shared(v.path)]
+    alpha = None
+    for step in range(3):
+        before = _copy_weights(model)
+        grads = reference_task_gradients(model, x, y, TWO)
+        if step % 2 == 0:  # recomputed: two-task closed form (Sener and Koltun)
+            g1, g2 = (_flat(g, shared) for g in grads)
+            gamma = np.clip((g2 - g1) @ g2 / np.sum((g1 - g2) ** 2), 0, 1)
+            alpha = (gamma, 1 - gamma)
+        expected = {p: alpha[0] * grads[0][p] + alpha[1] * grads[1][p] for p in before}
+        model.train_on_batch(x, y)
+        _assert_sgd_update(model, before, expected, lr)
+
+
 def test_gradnorm_first_step_matches_chen_et_al_update_of_the_weights():
     keras.utils.set_random_seed(4)
     model = tiny_model(TWO)
@@ -331,6 +353,23 @@ def test_batch_without_labels_for_a_task_leaves_its_head_unchanged(name):
     np.testing.assert_array_equal(after["count_out/kernel"], before["count_out/kernel"])
     assert logs["count_loss"] == 0.0
     assert not np.allclose(after["trunk2/kernel"], before["trunk2/kernel"])
+
+
+def test_saved_model_reloads_with_its_representation_and_predictions(tmp_path):
+    keras.utils.set_random_seed(9)
+    model = tiny_model(TASKS, skip=True)
+    x, y = scene_like_batch(4)
+    model.compile("adam", losses=TASKS, weighting=W.GradNorm())
+    model.fit(x, y, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert isinstance(loaded, MultiTaskModel)
+    assert loaded.representation.shape == model.representation.shape
+    expected, got = model.predict(x, verbose=0), loaded.predict(x, verbose=0)
+    for t in TASKS:
+        np.testing.assert_allclose(got[t.name], expected[t.name], rtol=1e-6)
+    loaded.compile("adam", losses=TASKS, weighting=W.GradNorm())
+    assert loaded._mtl.info["last_layer"].name == "trunk2"
 
 
 # ------------------------------------------------------------------------ errors
