@@ -220,7 +220,7 @@ class _State:
         self.inputs = None
         self.representation = None
         self.last_shared_layer = None
-        self.step_model = None
+        self.step_model = self.shared_model = self.head_model = None
         self.compiled = False
 
 
@@ -238,7 +238,7 @@ class MultiTaskModel(keras.Model):
     representation:
         Optional shared feature tensor (the encoder output) that every task
         output depends on; see the module docstring. Required by MGDA-UB and
-        GradNorm, and makes per-task gradients cheaper.
+        GradNorm (it locates the last shared layer).
     last_shared_layer:
         GradNorm's layer ``W``; default the last layer with a kernel before
         ``representation``.

@@ -360,7 +360,6 @@ def test_saved_model_reloads_with_its_representation_and_predictions(tmp_path):
     model = tiny_model(TASKS, skip=True)
     x, y = scene_like_batch(4)
     model.compile("adam", losses=TASKS, weighting=W.GradNorm())
-    model.fit(x, y, verbose=0)
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
     assert isinstance(loaded, MultiTaskModel)
