@@ -68,6 +68,9 @@ from mtl_utils.tasks import Task
 
 __all__ = ["MultiTaskModel", "StopOnNaNLoss", "WeightingCallback"]
 
+# Reductions after which Keras scales a loss by 1 / replicas under tf.distribute.
+_SCALED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
 
 # ------------------------------------------------------------------ graph analysis
 
@@ -147,6 +150,39 @@ def _find_last_weighted_layer(tensor):
                 "last_shared_layer=<layer> to MultiTaskModel"
             )
         tensor = parents[0]
+
+
+def _batch_mean(fn):
+    """A Keras loss function (per-sample values) as a scalar batch-mean loss."""
+
+    def loss(y_true, y_pred):
+        return ops.mean(fn(y_true, y_pred))
+
+    loss.__name__ = getattr(fn, "__name__", "loss")
+    return loss
+
+
+def _strategy_state(strategy) -> list:
+    """Every Keras variable a weighting strategy keeps: its own (weights,
+    counters, the last combination, random-seed state) and its optimizer's."""
+    found, seen = [], set()
+
+    def add(value):
+        if isinstance(value, keras.random.SeedGenerator):
+            value = value.state
+        if isinstance(value, keras.Variable) and id(value) not in seen:
+            seen.add(id(value))
+            found.append(value)
+
+    for value in vars(strategy).values():
+        add(value)
+    for value in strategy.trainable_variables:
+        add(value)
+    optimizer = strategy.optimizer
+    if optimizer is not None and getattr(optimizer, "built", False):
+        for value in optimizer.variables:
+            add(value)
+    return found
 
 
 # ------------------------------------------------------------------------ callbacks
@@ -519,7 +555,10 @@ class MultiTaskModel(keras.Model):
                 loss_fns[name] = loss_for(spec)
                 kinds[name] = spec.kind
             elif isinstance(spec, str):
-                loss_fns[name] = keras.losses.get(spec)
+                fn = keras.losses.get(spec)
+                if not isinstance(fn, keras.losses.Loss):  # "mse": per-sample values
+                    fn = _batch_mean(fn)
+                loss_fns[name] = fn
             elif callable(spec):
                 loss_fns[name] = spec
                 kind = getattr(spec, "kind", None)
@@ -655,8 +694,12 @@ class MultiTaskModel(keras.Model):
         st = self._mtl
         out = []
         for t in st.task_names:
-            value = st.loss_fns[t](y[t], outputs[t])
-            value = ops.cast(value, "float32")
+            fn = st.loss_fns[t]
+            value = ops.cast(fn(y[t], outputs[t]), "float32")
+            if isinstance(fn, keras.losses.Loss) and fn.reduction in _SCALED:
+                # Keras losses divide themselves by the number of replicas; the
+                # replica's share is applied by _replica_shares instead.
+                value = value * self._replicas()
             if len(value.shape) != 0:
                 raise ValueError(
                     f"the loss of task {t!r} returned shape {tuple(value.shape)}; "
@@ -677,13 +720,28 @@ class MultiTaskModel(keras.Model):
             )
         return counts
 
-    def _update_loss_trackers(self, x, losses, counts, reg):
+    def _update_loss_trackers(self, x, losses, counts, reg, loss_vec):
+        """Per-task losses weighted by labelled counts; ``loss`` is the sum of the
+        global-batch task losses ``loss_vec`` (equal on every replica)."""
         st = self._mtl
         batch = ops.cast(ops.shape(keras.tree.flatten(x)[0])[0], "float32")
         for t, value, count in zip(st.task_names, losses, counts, strict=True):
             st.task_trackers[t].update_state(value, sample_weight=count)
-        total = ops.sum(ops.stack(losses)) + reg
+        total = ops.sum(loss_vec) + reg
         self._loss_tracker.update_state(total, sample_weight=batch)
+
+    def _replica_shares(self, counts):
+        """``(share, global_counts)`` for this replica's ``(T,)`` label counts.
+
+        A task loss is a mean over the labelled elements of the *global* batch:
+        ``L = sum_r n_r L_r / sum_r n_r`` over replicas ``r`` with ``n_r`` labelled
+        elements. ``share = n_r / sum_r n_r`` turns this replica's loss into its
+        term of that sum (``1 / replicas`` when the counts are equal; 1 without
+        a distribution strategy).
+        """
+        local = ops.stack(counts)
+        total = self._all_reduce(local)
+        return ops.divide_no_nan(local, total), total
 
     def _regularization(self):
         return ops.sum(ops.stack(self.losses)) if self.losses else ops.zeros(())
@@ -731,21 +789,27 @@ class MultiTaskModel(keras.Model):
         st = self._mtl
         strategy = st.weighting
         svars = strategy.trainable_variables
-        inv_rep = 1.0 / self._replicas()
+        replicas = self._replicas()
+        counts = self._labelled_counts(x, y)
+        share, global_counts = self._replica_shares(counts)
+        present = ops.cast(global_counts > 0, "float32")
         with tf.GradientTape(persistent=bool(svars)) as tape:
             outputs = self(x, training=True)
             losses = self._task_losses(y, outputs)
-            counts = self._labelled_counts(x, y)
-            present = ops.cast(ops.stack(counts) > 0, "float32")
             reg = self._regularization()
-            total, weights = strategy.combine_losses(ops.stack(losses), present)
-            objective = (total + reg) * inv_rep
+            # This replica's estimate of the global-batch losses (its own losses
+            # when every replica holds as many labels); the optimizer sums the
+            # replicas' gradients of objective, so it is divided by replicas.
+            estimate = ops.stack(losses) * share * replicas
+            total, weights = strategy.combine_losses(estimate, present)
+            objective = (total + reg) / replicas
             scaled = self.optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, st.train_vars)
         self.optimizer.apply(grads, st.train_vars)
         if svars:
             strategy.apply_gradients(tape.gradient(objective, svars))
-        self._update_loss_trackers(x, losses, counts, reg)
+        loss_vec = self._all_reduce(ops.stack(losses) * share)
+        self._update_loss_trackers(x, losses, counts, reg, loss_vec)
         return outputs, losses, ops.stop_gradient(weights)
 
     def _gradient_step(self, x, y):
@@ -764,6 +828,9 @@ class MultiTaskModel(keras.Model):
         z_index = next(
             (k for k, b in enumerate(info["boundary"]) if b is st.representation), None
         )
+        counts = self._labelled_counts(x, y)
+        share, global_counts = self._replica_shares(counts)
+        present = ops.cast(global_counts > 0, "float32")
         with tf.GradientTape(persistent=True) as tape:
             if staged:
                 shared_out = keras.tree.flatten(st.shared_model(x, training=True))
@@ -781,15 +848,16 @@ class MultiTaskModel(keras.Model):
                 boundary = leaves = []
             losses = self._task_losses(y, outputs)
             reg = self._regularization()
-            # factor: loss scale (mixed precision) over the number of replicas
+            # factor: loss scale (mixed precision) over the number of replicas;
+            # share * replicas weights this replica's losses by its labels, so
+            # that the replicas' sum is the global-batch loss.
             factor = self.optimizer.scale_loss(ops.convert_to_tensor(1.0)) / replicas
-            scaled = [loss * factor for loss in losses]
+            label_weight = share * replicas
+            scaled = [loss * factor * label_weight[i] for i, loss in enumerate(losses)]
             scaled_vec = ops.stack(scaled)
             scaled_reg = reg * factor
         # Strategies see the losses and label counts of the global batch.
-        loss_vec = self._all_reduce(ops.stack(losses)) / replicas
-        counts = self._labelled_counts(x, y)
-        present = ops.cast(self._all_reduce(ops.stack(counts)) > 0, "float32")
+        loss_vec = self._all_reduce(ops.stack(losses) * share)
         true_scale = factor * replicas
 
         # Stage 1: one backward pass through each head gives the task's gradient
@@ -822,8 +890,13 @@ class MultiTaskModel(keras.Model):
         def weighted_shared_grads(coef):
             """Shared gradients of sum_i coef_i L_i: one backward pass."""
             if staged:
+                # Boundary tensors are float16 under a mixed policy.
                 cotangents = [
-                    sum(coef[i] * bgrads[i][k] for i in range(n)) for k in range(nb)
+                    sum(
+                        ops.cast(coef[i], bgrads[i][k].dtype) * bgrads[i][k]
+                        for i in range(n)
+                    )
+                    for k in range(nb)
                 ]
                 return tape.gradient(
                     boundary,
@@ -854,26 +927,55 @@ class MultiTaskModel(keras.Model):
                 ops.stop_gradient(ops.cast(combo.heads, "float32")),
             )
 
+        loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+
+        def combine(gram, flat):
+            """The strategy's ``(shared, heads)`` coefficients.
+
+            Under dynamic loss scaling a step whose scaled gradients overflowed
+            is skipped by the optimizer (which then lowers the scale). The
+            strategy must skip it too: it gets finite stand-ins (a NaN Gram
+            matrix would crash a linear solve) and its state is restored, so
+            that no NaN reaches, e.g., GradNorm's weights. ``gram`` and
+            ``loss_vec`` are equal on every replica, so all replicas agree.
+            """
+            if not loss_scaled:
+                return coefficients(
+                    strategy.combine_gradients(gram, loss_vec, flat, present)
+                )
+            finite = ops.logical_and(
+                ops.all(ops.isfinite(gram)), ops.all(ops.isfinite(loss_vec))
+            )
+            state = _strategy_state(strategy)
+            saved = [ops.copy(v) for v in state]
+            safe = strategy.combine_gradients(
+                ops.where(finite, gram, ops.eye(n)),
+                ops.where(finite, loss_vec, ops.ones_like(loss_vec)),
+                None if flat is None else ops.where(finite, flat, 0.0),
+                present,
+            )
+            for v, old in zip(state, saved, strict=True):
+                v.assign(ops.where(finite, v, old))
+            return coefficients(safe)
+
         # The gradients the strategy looks at, its combination, and the shared
         # parameters' gradients.
         if mode == "representation":
-            zflat = ops.reshape(ops.stack(zgrads), (n, -1))
+            # float32 before squaring: scaled float16 gradients would overflow
+            zflat = ops.cast(ops.reshape(ops.stack(zgrads), (n, -1)), "float32")
             gram = self._all_reduce(ops.matmul(zflat, ops.transpose(zflat)))
             gram = gram / ops.square(true_scale)
-            combo = strategy.combine_gradients(gram, loss_vec, None, present)
-            shared_coef, head_coef = coefficients(combo)
+            shared_coef, head_coef = combine(gram, None)
             shared_grads = weighted_shared_grads(shared_coef)
         elif mode == "last_shared_layer":
             flat = per_task_matrix(info["last_layer_vars"])
             gram = ops.matmul(flat, ops.transpose(flat))
-            combo = strategy.combine_gradients(gram, loss_vec, flat, present)
-            shared_coef, head_coef = coefficients(combo)
+            shared_coef, head_coef = combine(gram, flat)
             shared_grads = weighted_shared_grads(shared_coef)
         elif strategy.update_every == 1:
             flat = per_task_matrix(shared_vars)
             gram = ops.matmul(flat, ops.transpose(flat))
-            combo = strategy.combine_gradients(gram, loss_vec, flat, present)
-            shared_coef, head_coef = coefficients(combo)
+            shared_coef, head_coef = combine(gram, flat)
             d = ops.matmul(shared_coef[None, :], flat)[0] * factor
             shared_grads = self._unflatten(d, shared_vars)
         else:
@@ -892,8 +994,7 @@ class MultiTaskModel(keras.Model):
 
             def recompute():
                 gram = ops.matmul(flat, ops.transpose(flat))
-                combo = strategy.combine_gradients(gram, loss_vec, flat, present)
-                shared_coef, head_coef = coefficients(combo)
+                shared_coef, head_coef = combine(gram, flat)
                 d = ops.matmul(shared_coef[None, :], flat)[0] * factor
                 return [shared_coef, head_coef] + self._unflatten(d, shared_vars)
 
@@ -903,7 +1004,12 @@ class MultiTaskModel(keras.Model):
 
             out = tf.cond(due, recompute, reuse)
             shared_coef, head_coef, shared_grads = out[0], out[1], out[2:]
-            last.assign(ops.stack([shared_coef, head_coef]))
+            # Keep the last coefficients of a step the loss scale made non-finite.
+            finite = ops.logical_and(
+                ops.all(ops.isfinite(flat)), ops.all(ops.isfinite(loss_vec))
+            )
+            new = ops.stack([shared_coef, head_coef])
+            last.assign(ops.where(finite, new, ops.copy(last)))
         grads = {id(v): g for v, g in zip(shared_vars, shared_grads, strict=True)}
         # Heads: each gets its own task's gradient times heads[i].
         if not head_grads:
@@ -922,7 +1028,7 @@ class MultiTaskModel(keras.Model):
                 grads[id(v)] = grads[id(v)] + g
         ordered = [grads[id(v)] for v in st.train_vars]
         self.optimizer.apply(ordered, st.train_vars)
-        self._update_loss_trackers(x, losses, counts, reg)
+        self._update_loss_trackers(x, losses, counts, reg, loss_vec)
         return outputs, losses, shared_coef
 
     def _boundary_vjps(self, tape, boundary, bgrads, variables):
@@ -978,7 +1084,9 @@ class MultiTaskModel(keras.Model):
         outputs = self(x, training=False)
         losses = self._task_losses(y, outputs)
         counts = self._labelled_counts(x, y)
-        self._update_loss_trackers(x, losses, counts, self._regularization())
+        share, _ = self._replica_shares(counts)
+        loss_vec = self._all_reduce(ops.stack(losses) * share)
+        self._update_loss_trackers(x, losses, counts, self._regularization(), loss_vec)
         return self._results(x, y, outputs, include_weights=False)
 
     # --------------------------------------------------------------- inspection
