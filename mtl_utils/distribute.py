@@ -10,14 +10,18 @@ Two things make a laptop (or a CI runner) behave like a small cluster:
   separate processes on ``127.0.0.1``, each with the ``TF_CONFIG`` that
   ``tf.distribute.MultiWorkerMirroredStrategy`` reads (:func:`tf_config`), the
   same variable a cluster scheduler sets on real machines.
+* :func:`run_train_steps` trains a compiled model in a short custom loop around
+  its own ``train_step``, for ``MultiWorkerMirroredStrategy``, under which
+  Keras 3's ``fit()`` fails.
 
 Only the TensorFlow backend of Keras distributes with ``tf.distribute``.
 
 Examples
 --------
->>> tf_config(["127.0.0.1:20000", "127.0.0.1:20001"], index=1)
-'{"cluster": {"worker": ["127.0.0.1:20000", "127.0.0.1:20001"]}, "task": {"type": \
-"worker", "index": 1}}'
+>>> import json
+>>> config = json.loads(tf_config(["127.0.0.1:20000", "127.0.0.1:20001"], index=1))
+>>> config["task"]
+{'type': 'worker', 'index': 1}
 """
 
 from __future__ import annotations

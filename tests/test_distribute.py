@@ -3,8 +3,8 @@
 TensorFlow fixes its devices when it first runs an op, so every test runs its
 TensorFlow part in a fresh subprocess (this file run as a script, see the bottom)
 that configures two logical CPU devices first; the subprocess saves arrays and the
-test compares them here with NumPy references. The pytest process never imports
-TensorFlow for these tests.
+test compares them here with NumPy references. The pytest process never runs a
+TensorFlow op for these tests (one test imports TensorFlow's cluster resolver).
 
 References: one step on the *global* batch without a strategy (the definition of
 data-parallel training), and PCGrad (Yu et al. 2020, Algorithm 1) written in NumPy
@@ -287,6 +287,77 @@ def test_overflowing_step_is_skipped_by_optimizer_and_strategy(mixed):
     assert meta["nash_finished"]
 
 
+def test_logical_devices_cannot_change_after_tensorflow_started(mirrored):
+    """Asking again for the same two devices is fine; for three, the error says
+    to configure them before the first op."""
+    meta = load_case(mirrored, "devices")["meta"]
+    assert meta["devices"] == ["/device:CPU:0", "/device:CPU:1"]
+    assert meta["again"] == meta["devices"]
+    assert "before the first TensorFlow op" in meta["error_for_three"]
+
+
+def test_tf_config_is_what_tensorflows_cluster_resolver_reads(monkeypatch):
+    import tensorflow as tf  # only the resolver; no device is initialised
+
+    from mtl_utils.distribute import tf_config
+
+    workers = ["127.0.0.1:20000", "127.0.0.1:20001", "10.0.0.3:2222"]
+    monkeypatch.setenv("TF_CONFIG", tf_config(workers, 2))
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    assert resolver.cluster_spec().as_dict() == {"worker": workers}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 2)
+
+
+def test_distribute_helpers_reject_bad_input_naming_it():
+    from mtl_utils.distribute import (
+        configure_logical_cpus,
+        free_ports,
+        launch_local_workers,
+        tf_config,
+    )
+
+    with pytest.raises(ValueError, match="'localhost'; expected 'host:port'"):
+        tf_config(["localhost"], 0)
+    with pytest.raises(ValueError, match="index 2 is out of range for 2 workers"):
+        tf_config(["a:1", "b:2"], 2)
+    with pytest.raises(ValueError, match="workers is empty"):
+        tf_config([], 0)
+    with pytest.raises(ValueError, match="num_devices must be >= 1, got 0"):
+        configure_logical_cpus(0)
+    with pytest.raises(ValueError, match="num_ports must be an int >= 1"):
+        free_ports(0)
+    with pytest.raises(ValueError, match="num_workers must be >= 1, got 0"):
+        launch_local_workers([sys.executable, "-c", "pass"], num_workers=0)
+
+
+def test_local_workers_get_one_cluster_and_their_own_index():
+    from mtl_utils.distribute import launch_local_workers
+
+    show = "import json, os; print(os.environ['TF_CONFIG'])"
+    results = launch_local_workers([sys.executable, "-c", show], num_workers=3)
+    configs = [json.loads(r.stdout) for r in results]
+    cluster = configs[0]["cluster"]["worker"]
+    assert len(set(cluster)) == 3
+    assert all(w.startswith("127.0.0.1:") for w in cluster)
+    for i, config in enumerate(configs):
+        assert config["cluster"]["worker"] == cluster
+        assert config["task"] == {"type": "worker", "index": i}
+
+
+def test_a_failing_worker_stops_the_others_and_names_itself():
+    from mtl_utils.distribute import launch_local_workers
+
+    code = (
+        "import os, sys, time\n"
+        "if os.environ['MTL_WORKER_INDEX'] == '1':\n"
+        "    sys.exit('worker one gives up')\n"
+        "time.sleep(60)\n"
+    )
+    with pytest.raises(RuntimeError, match="worker 1 exited with status 1") as info:
+        launch_local_workers([sys.executable, "-c", code], num_workers=2, timeout=30)
+    assert "worker one gives up" in str(info.value)
+
+
 # ------------------------------------------------------- the subprocess side
 # Everything below runs only in subprocesses (python tests/test_distribute.py).
 
@@ -383,8 +454,18 @@ def _fit_one_step(keras, tf, model, losses, weighting, x, y):
 
 def _mirrored_main(out: Path) -> None:
     keras, tf = _setup_tf(2)
+    from mtl_utils.distribute import configure_logical_cpus
     from mtl_utils.losses import loss_for
     from mtl_utils.weighting import PCGrad
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    meta = {"num_vars": 0, "devices": devices, "again": configure_logical_cpus(2)}
+    try:
+        configure_logical_cpus(3)
+        meta["error_for_three"] = ""
+    except RuntimeError as error:
+        meta["error_for_three"] = str(error)
+    _save(out, "devices", meta, {})
 
     # One strategy object for the whole process: a second MirroredStrategy in
     # the same process can clash with the first one's collective keys.
