@@ -928,17 +928,18 @@ class MultiTaskModel(keras.Model):
             )
 
         loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        # Under dynamic loss scaling the optimizer skips a step whose scaled
+        # gradients overflowed (and lowers the scale). The strategy must skip it
+        # too: it gets finite stand-ins (a NaN Gram matrix would crash a linear
+        # solve) and, once every gradient the optimizer sees is known, its state
+        # is restored where any of them is not finite (below), so that no NaN
+        # reaches, e.g., GradNorm's weights. All replicas see the same all-reduced
+        # gradients, so they agree.
+        state = _strategy_state(strategy) if loss_scaled else []
+        saved_state = [ops.copy(v) for v in state]
 
         def combine(gram, flat):
-            """The strategy's ``(shared, heads)`` coefficients.
-
-            Under dynamic loss scaling a step whose scaled gradients overflowed
-            is skipped by the optimizer (which then lowers the scale). The
-            strategy must skip it too: it gets finite stand-ins (a NaN Gram
-            matrix would crash a linear solve) and its state is restored, so
-            that no NaN reaches, e.g., GradNorm's weights. ``gram`` and
-            ``loss_vec`` are equal on every replica, so all replicas agree.
-            """
+            """The strategy's ``(shared, heads)`` coefficients."""
             if not loss_scaled:
                 return coefficients(
                     strategy.combine_gradients(gram, loss_vec, flat, present)
@@ -946,17 +947,14 @@ class MultiTaskModel(keras.Model):
             finite = ops.logical_and(
                 ops.all(ops.isfinite(gram)), ops.all(ops.isfinite(loss_vec))
             )
-            state = _strategy_state(strategy)
-            saved = [ops.copy(v) for v in state]
-            safe = strategy.combine_gradients(
-                ops.where(finite, gram, ops.eye(n)),
-                ops.where(finite, loss_vec, ops.ones_like(loss_vec)),
-                None if flat is None else ops.where(finite, flat, 0.0),
-                present,
+            return coefficients(
+                strategy.combine_gradients(
+                    ops.where(finite, gram, ops.eye(n)),
+                    ops.where(finite, loss_vec, ops.ones_like(loss_vec)),
+                    None if flat is None else ops.where(finite, flat, 0.0),
+                    present,
+                )
             )
-            for v, old in zip(state, saved, strict=True):
-                v.assign(ops.where(finite, v, old))
-            return coefficients(safe)
 
         # The gradients the strategy looks at, its combination, and the shared
         # parameters' gradients.
@@ -1027,6 +1025,12 @@ class MultiTaskModel(keras.Model):
             for v, g in zip(st.train_vars, reg_grads, strict=True):
                 grads[id(v)] = grads[id(v)] + g
         ordered = [grads[id(v)] for v in st.train_vars]
+        if state:  # the optimizer's own test: every gradient finite
+            finite = ops.all(
+                ops.stack([ops.all(ops.isfinite(g)) for g in ordered + [loss_vec]])
+            )
+            for v, old in zip(state, saved_state, strict=True):
+                v.assign(ops.where(finite, v, old))
         self.optimizer.apply(ordered, st.train_vars)
         self._update_loss_trackers(x, losses, counts, reg, loss_vec)
         return outputs, losses, shared_coef

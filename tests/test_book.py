@@ -112,7 +112,10 @@ def test_every_glossary_term_used_is_defined():
         line.strip().lower() for line in glossary.splitlines() if re.match(r"^\S", line)
     }
     for path, text in book_sources():
-        for term in re.findall(r"\{term\}`([^`<]+)`", text):
+        for role in re.findall(r"\{term\}`([^`]+)`", text):
+            # {term}`term` or {term}`shown text <term>`
+            target = re.search(r"<([^>]+)>\s*$", role)
+            term = target.group(1) if target else role
             assert term.strip().lower() in defined, (
                 f"{path.name}: undefined term {term!r}"
             )

@@ -287,6 +287,20 @@ def test_overflowing_step_is_skipped_by_optimizer_and_strategy(mixed):
     assert meta["nash_finished"]
 
 
+def test_strategy_skips_a_step_when_only_head_gradients_overflow(mixed):
+    """The optimizer skips a step if *any* gradient overflows float16, including
+    a head's; GradNorm's weights must then stay as they were, although the shared
+    gradients it looks at are finite. The control step (no overflow) shows the
+    same weights do move: the test can fail."""
+    meta = load_case(mixed, "head_overflow")["meta"]
+    assert meta["overflow_scale_after"] < 2.0**8  # the optimizer saw an overflow
+    assert meta["overflow_moved"] == 0.0  # and skipped the step
+    assert meta["overflow_weights"] == [1.0, 1.0]
+    assert meta["control_scale_after"] == 1.0
+    assert meta["control_moved"] > 0.0
+    assert abs(meta["control_weights"][0] - meta["control_weights"][1]) > 1e-3
+
+
 def test_logical_devices_cannot_change_after_tensorflow_started(mirrored):
     """Asking again for the same two devices is fine; for three, the error says
     to configure them before the first op."""
@@ -608,6 +622,12 @@ def _mixed_main(out: Path) -> None:
             (out / f"{name}.json").write_text(
                 json.dumps({"error": f"{type(error).__name__}: {error}"[-3000:]})
             )
+    try:
+        _head_overflow_case(keras, out)
+    except Exception as error:
+        (out / "head_overflow.json").write_text(
+            json.dumps({"error": f"{type(error).__name__}: {error}"[-3000:]})
+        )
     try:  # a step whose scaled gradients overflow float16
         model, weighting, init, after, _ = run(GradNorm, "mixed_float16", 2.0**30)
         meta = {
@@ -624,6 +644,56 @@ def _mixed_main(out: Path) -> None:
         (out / "overflow.json").write_text(
             json.dumps({"error": f"{type(error).__name__}: {error}"[-3000:]})
         )
+
+
+def _head_overflow_case(keras, out: Path) -> None:
+    """GradNorm under "mixed_float16" on a model whose *head* kernel gradients
+    overflow float16 while the shared layer's (which GradNorm looks at) do not.
+
+    Shared ``Dense`` with activations 400; heads ``Dense`` with kernels 1e-3.
+    The output gradient of task a is 2 (1.6 + 20) / 8 = 5.4 per sample, so its
+    head kernel gradient is 8 x 400 x 5.4 = 17280 times the loss scale: 4.4e6 at
+    ``scale = 2**8``, past float16's 65504, while the boundary gradient (x 1e-3)
+    and the shared kernel gradient stay small. At ``scale = 1`` nothing
+    overflows: the control shows GradNorm's weights do move on a normal step.
+    """
+    from mtl_utils.training import MultiTaskModel
+    from mtl_utils.weighting import GradNorm
+
+    x = np.ones((8, 4), "float32")
+    y = {"a": np.full((8, 1), -20.0, "float32"), "b": np.full((8, 1), 10.0, "float32")}
+    meta, arrays = {}, {}
+    for key, scale in (("overflow", 2.0**8), ("control", 1.0)):
+        keras.config.set_dtype_policy("mixed_float16")
+        try:
+            const = keras.initializers.Constant
+            inputs = keras.Input((4,))
+            h = keras.layers.Dense(4, use_bias=False, kernel_initializer=const(100.0))(
+                inputs
+            )
+            outputs = {
+                t: keras.layers.Dense(
+                    1, use_bias=False, kernel_initializer=const(1e-3), name=t
+                )(h)
+                for t in "ab"
+            }
+            model = MultiTaskModel(inputs, outputs, representation=h)
+            weighting = GradNorm(optimizer=keras.optimizers.SGD(0.1))
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD(1e-3), initial_scale=scale
+            )
+            model.compile(
+                optimizer, losses={t: _mse for t in "ab"}, weighting=weighting
+            )
+            init = [v.numpy() for v in model.trainable_variables]
+            model.train_on_batch(x, y)
+            after = [v.numpy() for v in model.trainable_variables]
+            meta[f"{key}_scale_after"] = float(optimizer.dynamic_scale.numpy())
+            meta[f"{key}_weights"] = [float(w) for w in weighting.weights.numpy()]
+            meta[f"{key}_moved"] = max_diff(after, init)
+        finally:
+            keras.config.set_dtype_policy("float32")
+    _save(out, "head_overflow", meta, arrays)
 
 
 def _worker_datasets(tf, strategy, x, y):
