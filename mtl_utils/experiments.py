@@ -652,9 +652,6 @@ class _Trainable:
         model.compile(
             keras.optimizers.Adam(learning_rate), losses=list(tasks), weighting=strategy
         )
-        # Create the optimizer's slots now: inside fit() their creation makes
-        # TensorFlow trace the training step twice.
-        model.optimizer.build(model.trainable_variables)
         self.model, self.strategy, self.tasks = model, strategy, list(tasks)
         self.strategy_vars, self.generators, self.strategy_optimizers = _strategy_state(
             strategy

@@ -631,6 +631,11 @@ class MultiTaskModel(keras.Model):
             if id(v) in head_ids or id(v) in shared_ids
         ]
         st.compiled = True
+        # Create the optimizer's slots now: left to fit(), TensorFlow creates them
+        # while tracing the training step and then traces the step a second time.
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
 
     @property
     def weighting(self) -> weighting_module.Weighting | None:

@@ -146,6 +146,27 @@ def test_fit_trains_with_every_strategy_and_logs_losses_and_weights(name):
     )
 
 
+@pytest.mark.parametrize("name", ["equal", "uncertainty", "pcgrad", "gradnorm"])
+def test_fit_traces_the_training_step_once(name, monkeypatch):
+    """Batches of one shape need one trace of ``train_step``; a second one (as
+    when the optimizer's slots are created inside the first trace) doubles the
+    start-up time of every fit."""
+    calls = []
+    step = MultiTaskModel.train_step
+
+    def counted(self, data):
+        calls.append(1)
+        return step(self, data)
+
+    monkeypatch.setattr(MultiTaskModel, "train_step", counted)
+    keras.utils.set_random_seed(0)
+    model = tiny_model(TASKS)
+    model.compile(keras.optimizers.Adam(1e-3), losses=TASKS, weighting=name)
+    x, y = scene_like_batch()
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert len(calls) == 1
+
+
 def test_history_records_validation_losses_and_weights_every_epoch():
     keras.utils.set_random_seed(0)
     model = tiny_model(TASKS)
