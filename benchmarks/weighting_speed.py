@@ -21,7 +21,23 @@ encoder tensors (five skips and ``block5_pool``), ``--decoder plain`` one; eithe
 way MultiTaskModel back-propagates through each head once and vectorises only the
 encoder's backward pass over the tasks.
 
-Run: ``python benchmarks/weighting_speed.py [--decoder unet plain] [--rounds 5]``
+**The multiply-add floor.** An exact per-task-gradient method needs one backward
+pass through the shared encoder per task: T - 1 more than equal weighting. The
+script counts multiply-adds (:func:`mtl_utils.cost.macs_by_layer`; a backward
+pass costs twice its forward pass, less the input gradient of the first layer,
+which nobody needs) and prints ``1 + (T - 1) * encoder backward / equal-weighting
+step``: the ratio an exact method would have on a machine whose time is its
+multiply-adds. Measured ratios can be lower, because the equal-weighting step
+leaves cores idle (element-wise ops, resizes, small convolutions) that the extra,
+independent per-task passes fill.
+
+**Kernels.** TensorFlow's default x86 build runs convolutions with oneDNN; the
+Makefile (and every chapter) sets ``TF_ENABLE_ONEDNN_OPTS=0`` for reproducible
+notebook outputs, which uses Eigen kernels instead. ``--kernels both`` (the
+default) times each setting in its own process, one after the other.
+
+Run: ``python benchmarks/weighting_speed.py [--decoder unet plain] [--rounds 5]
+[--kernels both|onednn|eigen]``
 """
 
 from __future__ import annotations
@@ -29,8 +45,30 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 
+
+def _without_kernels(argv: list[str]) -> tuple[str, list[str]]:
+    """The ``--kernels`` value (default ``both``) and the other arguments."""
+    kernels, rest, skip = "both", [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--kernels" and i + 1 < len(argv):
+            kernels, skip = argv[i + 1], True
+        elif arg.startswith("--kernels="):
+            kernels = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return kernels, rest
+
+
+# TensorFlow reads the oneDNN switch once, when it loads: set it before importing.
+_KERNELS, _OTHER_ARGS = _without_kernels(sys.argv[1:])
+if _KERNELS in ("onednn", "eigen"):
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if _KERNELS == "onednn" else "0"
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -38,6 +76,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtl_utils import weighting as W  # noqa: E402
+from mtl_utils.cost import macs_by_layer  # noqa: E402
 from mtl_utils.tasks import scene_tasks  # noqa: E402
 
 GROUPS = {
@@ -153,8 +192,11 @@ def run(args: argparse.Namespace, decoder: str) -> None:
                 model.train_on_batch(x, y)
             wall[name].append((time.perf_counter() - start) / args.steps)
             cpu[name].append((time.process_time() - start_cpu) / args.steps)
+    floor = _mac_floor(models["equal"], args.size, len(tasks))
+    kernels = "Eigen" if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0" else "oneDNN"
     print(
-        f"\nbuild_multitask(vgg16, width 0.125, batch norm, decoder={decoder!r}); "
+        f"\n{kernels} kernels; "
+        f"build_multitask(vgg16, width 0.125, batch norm, decoder={decoder!r}); "
         f"{args.size}x{args.size}, batch {args.batch_size}, 4 tasks; {shared} shared "
         f"parameters, {boundary} boundary tensor(s); median of {args.rounds} "
         f"rounds x {args.steps} steps"
@@ -173,6 +215,27 @@ def run(args: argparse.Namespace, decoder: str) -> None:
                 ms = 1000 * statistics.median(times[name])
                 cells.append(f"{ms:8.1f} {ratio:8.2f}x")
             print(f"{name:14s} {' '.join(cells)}")
+    print(
+        f"multiply-add floor of exact per-task gradients: {floor:.2f}x "
+        "(T encoder backward passes instead of one)"
+    )
+
+
+def _mac_floor(model, size: int, num_tasks: int) -> float:
+    """``1 + (T - 1) * encoder backward MACs / equal-weighting step MACs``.
+
+    Layers are the encoder's when their path starts with ``encoder/`` (the
+    nested model of :func:`mtl_utils.models.build_multitask`). Backward = 2 x
+    forward (input and weight gradients) for every layer but the first, whose
+    input gradient is not computed.
+    """
+    macs = macs_by_layer(model, (size, size, 3))
+    encoder = {k: v for k, v in macs.items() if k.startswith("encoder/")}
+    first = next(iter(encoder.values()))
+    total = sum(macs.values())
+    step = total + 2 * total - first
+    extra = (num_tasks - 1) * (2 * sum(encoder.values()) - first)
+    return 1 + extra / step
 
 
 def main() -> None:
@@ -184,7 +247,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--decoder", nargs="+", default=["unet", "plain"])
     parser.add_argument("--strategies", nargs="*", default=None)
+    parser.add_argument(
+        "--kernels", choices=["both", "onednn", "eigen"], default="both"
+    )
     args = parser.parse_args()
+    if args.kernels == "both":  # one process per setting (see above)
+        for kernels in ("onednn", "eigen"):
+            command = [sys.executable, __file__, *_OTHER_ARGS, "--kernels", kernels]
+            subprocess.run(command, check=True)
+        return
     for decoder in args.decoder:
         run(args, decoder)
 
