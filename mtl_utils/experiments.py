@@ -604,30 +604,6 @@ def make_strategy(name: str, seed: int = 0):
     return weighting.get(name)
 
 
-def _strategy_state(strategy) -> tuple[list, list, list]:
-    """Keras variables, seed generators and optimizers held by a strategy."""
-    import keras
-
-    variables, generators, optimizers, seen = [], [], [], set()
-
-    def add(v):
-        if id(v) not in seen:
-            seen.add(id(v))
-            variables.append(v)
-
-    for value in vars(strategy).values():
-        if isinstance(value, keras.Variable):
-            add(value)
-        elif isinstance(value, keras.random.SeedGenerator):
-            generators.append(value)
-            add(value.state)
-        elif isinstance(value, keras.optimizers.Optimizer):
-            optimizers.append(value)
-            for v in value.variables:
-                add(v)
-    return variables, generators, optimizers
-
-
 def _is_plain(value) -> bool:
     if isinstance(value, (str, int, float, bool, type(None), np.ndarray, np.generic)):
         return True
@@ -653,9 +629,13 @@ class _Trainable:
             keras.optimizers.Adam(learning_rate), losses=list(tasks), weighting=strategy
         )
         self.model, self.strategy, self.tasks = model, strategy, list(tasks)
-        self.strategy_vars, self.generators, self.strategy_optimizers = _strategy_state(
-            strategy
-        )
+        self.strategy_vars = strategy.state_variables()
+        self.generators = [
+            v
+            for v in vars(strategy).values()
+            if isinstance(v, keras.random.SeedGenerator)
+        ]
+        self.strategy_optimizers = [o for o in [strategy.optimizer] if o is not None]
         self.state_vars = list(model.optimizer.variables) + self.strategy_vars
         self.initial = [np.array(v.numpy(), copy=True) for v in self.state_vars]
         self.python_state = {

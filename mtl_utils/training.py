@@ -162,29 +162,6 @@ def _batch_mean(fn):
     return loss
 
 
-def _strategy_state(strategy) -> list:
-    """Every Keras variable a weighting strategy keeps: its own (weights,
-    counters, the last combination, random-seed state) and its optimizer's."""
-    found, seen = [], set()
-
-    def add(value):
-        if isinstance(value, keras.random.SeedGenerator):
-            value = value.state
-        if isinstance(value, keras.Variable) and id(value) not in seen:
-            seen.add(id(value))
-            found.append(value)
-
-    for value in vars(strategy).values():
-        add(value)
-    for value in strategy.trainable_variables:
-        add(value)
-    optimizer = strategy.optimizer
-    if optimizer is not None and getattr(optimizer, "built", False):
-        for value in optimizer.variables:
-            add(value)
-    return found
-
-
 # ------------------------------------------------------------------------ callbacks
 
 
@@ -940,7 +917,7 @@ class MultiTaskModel(keras.Model):
         # is restored where any of them is not finite (below), so that no NaN
         # reaches, e.g., GradNorm's weights. All replicas see the same all-reduced
         # gradients, so they agree.
-        state = _strategy_state(strategy) if loss_scaled else []
+        state = strategy.state_variables() if loss_scaled else []
         saved_state = [ops.copy(v) for v in state]
 
         def combine(gram, flat):

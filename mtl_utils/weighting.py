@@ -909,6 +909,31 @@ class Weighting:
     def create_state(self) -> None:
         """Create Keras variables (called once by ``build``)."""
 
+    def state_variables(self) -> list:
+        """Every Keras variable of the strategy's state, in a fixed order.
+
+        Its own variables (weights, counters, the last combination), the state
+        of its random-seed generators, and its optimizer's variables: what must
+        be saved to resume training, or restored to undo a step.
+        """
+        found, seen = [], set()
+
+        def add(value):
+            if isinstance(value, keras.random.SeedGenerator):
+                value = value.state
+            if isinstance(value, keras.Variable) and id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+
+        for value in vars(self).values():
+            add(value)
+        for value in self.trainable_variables:
+            add(value)
+        if self.optimizer is not None and self.optimizer.built:
+            for value in self.optimizer.variables:
+                add(value)
+        return found
+
     @property
     def trainable_variables(self) -> list:
         """Learnable parameters of the strategy (trained by ``optimizer``)."""

@@ -3,6 +3,7 @@ papers' toy problems."""
 
 import itertools
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -493,3 +494,18 @@ def test_pareto_check_rejects_where_the_summed_gradient_gets_stuck(cagrad_grid_l
         record_every=50_000,
     )
     assert _dominated_by(losses[-1], cagrad_grid_losses, tol=1.0)
+
+
+def test_state_variables_are_every_keras_variable_a_resume_needs():
+    """GradNorm: its weights, first losses and step counter plus every variable of
+    its optimizer (Keras' own list); PCGrad: the state of its seed generator."""
+    gradnorm = W.GradNorm(optimizer=keras.optimizers.Adam(1e-2))
+    gradnorm.build(["a", "b"])
+    expected = [gradnorm.weights, gradnorm.initial_losses, gradnorm.step]
+    expected += list(gradnorm.optimizer.variables)
+    assert [id(v) for v in gradnorm.state_variables()] == [id(v) for v in expected]
+    pcgrad = W.PCGrad(seed=3)
+    pcgrad.build(["a", "b"])
+    assert [id(v) for v in pcgrad.state_variables()] == [
+        id(pcgrad.seed_generator.state)
+    ]
