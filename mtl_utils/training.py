@@ -45,7 +45,10 @@ Jacobian of the stacked task losses.
 
 Saving: ``model.save("m.keras")`` and ``keras.models.load_model("m.keras")``
 round-trip the architecture (with its representation) and weights; ``compile``
-again after loading (losses and the strategy's state are not saved).
+again after loading (losses and the strategy are not saved). The strategy's
+state (learnt weights, counters, seed positions) is saved with the weights, also
+by ``save_weights``, and restored when the model is compiled with the same
+strategy.
 
 Only the TensorFlow backend is supported (``train_step`` uses
 ``tf.GradientTape``).
@@ -322,7 +325,7 @@ class MultiTaskModel(keras.Model):
 
         ``model.save("m.keras")`` / ``keras.models.load_model("m.keras")`` round-
         trip the architecture and weights; call ``compile`` again after loading
-        (the strategy's own state is not saved).
+        (with the same strategy, whose saved state it then restores).
         """
         st = self._mtl
         config = keras.Model(inputs=st.inputs, outputs=st.outputs).get_config()
@@ -333,6 +336,54 @@ class MultiTaskModel(keras.Model):
         if st.last_shared_layer is not None:
             config["last_shared_layer"] = st.last_shared_layer.name
         return config
+
+    def save_own_variables(self, store) -> None:
+        """Keras' own variables, then the strategy's state as ``weighting_<i>``.
+
+        The state is :meth:`~mtl_utils.weighting.Weighting.state_variables`
+        (GradNorm's weights, DWA's epoch losses, a seed generator's position,
+        the strategy's optimizer), so that ``save_weights`` / ``load_weights``
+        (and ``model.save``) resume a strategy where it was. The model's own
+        optimizer is saved by ``model.save``, not by ``save_weights``, as in Keras.
+        """
+        super().save_own_variables(store)
+        strategy = self.weighting
+        if strategy is not None:
+            for i, v in enumerate(strategy.state_variables()):
+                store[f"weighting_{i}"] = v
+
+    def load_own_variables(self, store) -> None:
+        """Inverse of :meth:`save_own_variables`. A model not compiled yet keeps
+        the strategy's state and ``compile`` restores it into a strategy with
+        variables of the same shapes."""
+        keys = list(store.keys())
+        saved = [k for k in keys if k.startswith("weighting_")]
+        saved.sort(key=lambda k: int(k.split("_")[-1]))
+        super().load_own_variables({k: store[k] for k in keys if k not in saved})
+        self._mtl.saved_weighting_state = [np.asarray(store[k]) for k in saved]
+        if self.weighting is not None:
+            self._restore_weighting_state()
+
+    def _restore_weighting_state(self) -> None:
+        values = getattr(self._mtl, "saved_weighting_state", None)
+        if not values:
+            return
+        self._mtl.saved_weighting_state = None
+        strategy = self.weighting
+        state = strategy.state_variables()
+        got = [tuple(v.shape) for v in state]
+        want = [tuple(a.shape) for a in values]
+        if got != want:
+            warnings.warn(
+                f"the weights file holds a weighting strategy's state with shapes "
+                f"{want}, but {strategy!r} has shapes {got}: its state is not "
+                "restored (compile with the strategy the weights were saved with "
+                "to resume it)",
+                stacklevel=3,
+            )
+            return
+        for v, value in zip(state, values, strict=True):
+            v.assign(value)
 
     def get_compile_config(self):
         """None: ``compile`` (losses, strategy) is not saved; call it after loading."""
@@ -608,6 +659,7 @@ class MultiTaskModel(keras.Model):
             if id(v) in head_ids or id(v) in shared_ids
         ]
         st.compiled = True
+        self._restore_weighting_state()  # loaded before compile
         # Create the optimizer's slots now: left to fit(), TensorFlow creates them
         # while tracing the training step and then traces the step a second time.
         if self.optimizer is not None and not self.optimizer.built:

@@ -517,3 +517,59 @@ def test_gradnorm_balances_training_rates_better_than_equal_weighting():
     equal = spread(W.EqualWeighting())
     gradnorm = spread(W.GradNorm(alpha=0.12, optimizer=keras.optimizers.Adam(0.025)))
     assert gradnorm < 0.5 * equal, (gradnorm, equal)
+
+
+@pytest.mark.parametrize("compile_first", [True, False])
+def test_save_weights_resumes_the_strategy_like_uninterrupted_training(
+    tmp_path, compile_first
+):
+    """Reference: the same run without interruption. Two steps, save, one more
+    step; a fresh model that loads the file (before or after compile) and takes
+    the third step must end with the same weights and GradNorm weights. Without
+    the strategy's state it would restart GradNorm from weights 1 and step 0."""
+    x, y = scene_like_batch()
+
+    def fresh():
+        keras.utils.set_random_seed(0)
+        return tiny_model(TASKS)
+
+    def compile_(model):
+        model.compile(keras.optimizers.SGD(0.05), losses=TASKS, weighting="gradnorm")
+
+    model = fresh()
+    compile_(model)
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    path = tmp_path / "run.weights.h5"
+    model.save_weights(path)
+    saved_gradnorm = model.weighting.weights.numpy()
+    assert np.max(np.abs(saved_gradnorm - 1.0)) > 1e-4  # GradNorm has moved
+    model.train_on_batch(x, y)
+
+    resumed = fresh()
+    if compile_first:
+        compile_(resumed)
+        resumed.load_weights(path)
+    else:
+        resumed.load_weights(path)
+        compile_(resumed)
+    np.testing.assert_array_equal(resumed.weighting.weights.numpy(), saved_gradnorm)
+    resumed.train_on_batch(x, y)
+    np.testing.assert_allclose(
+        resumed.weighting.weights.numpy(), model.weighting.weights.numpy(), atol=1e-6
+    )
+    for a, b in zip(resumed.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_loading_another_strategys_state_warns_with_both_shapes(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = tiny_model(TASKS)
+    model.compile(keras.optimizers.SGD(0.05), losses=TASKS, weighting="gradnorm")
+    path = tmp_path / "gradnorm.weights.h5"
+    model.save_weights(path)
+    other = tiny_model(TASKS)
+    other.compile(keras.optimizers.SGD(0.05), losses=TASKS, weighting="equal")
+    with pytest.warns(UserWarning, match=r"shapes \[\(4,\), \(4,\), \(\)"):
+        other.load_weights(path)
+    np.testing.assert_array_equal(other.get_weights()[0], model.get_weights()[0])
