@@ -1036,12 +1036,9 @@ class MultiTaskModel(keras.Model):
 
             out = tf.cond(due, recompute, reuse)
             shared_coef, head_coef, shared_grads = out[0], out[1], out[2:]
-            # Keep the last coefficients of a step the loss scale made non-finite.
-            finite = ops.logical_and(
-                ops.all(ops.isfinite(flat)), ops.all(ops.isfinite(loss_vec))
-            )
-            new = ops.stack([shared_coef, head_coef])
-            last.assign(ops.where(finite, new, ops.copy(last)))
+            # (A step that loss scaling skips restores this with the rest of the
+            # strategy's state, below.)
+            last.assign(ops.stack([shared_coef, head_coef]))
         grads = {id(v): g for v, g in zip(shared_vars, shared_grads, strict=True)}
         # Heads: each gets its own task's gradient times heads[i].
         if not head_grads:

@@ -1136,13 +1136,27 @@ class DynamicWeightAverage(Weighting):
     def __init__(self, temperature: float = 2.0):
         super().__init__()
         self.temperature = float(temperature)
-        self.history: list[np.ndarray] = []
 
     def create_state(self) -> None:
         self.weights = keras.Variable(
             np.ones((self.num_tasks,), "float32"),
             trainable=False,
             name="dwa_weights",
+            aggregation="only_first_replica",
+        )
+        # The last two epochs' average losses (rows: older, newer) and how many
+        # epochs were recorded: Keras state, so that it is saved and restored.
+        self.recent_losses = keras.Variable(
+            np.zeros((2, self.num_tasks), "float32"),
+            trainable=False,
+            name="dwa_recent_losses",
+            aggregation="only_first_replica",
+        )
+        self.epochs_recorded = keras.Variable(
+            0,
+            dtype="int32",
+            trainable=False,
+            name="dwa_epochs_recorded",
             aggregation="only_first_replica",
         )
 
@@ -1159,10 +1173,11 @@ class DynamicWeightAverage(Weighting):
                 f"expected {self.num_tasks} epoch losses "
                 f"({', '.join(self.task_names)}), got shape {values.shape}"
             )
-        self.history.append(values)
-        if len(self.history) >= 2:
-            w = dwa_weights(self.history[-1], self.history[-2], self.temperature)
-            self.weights.assign(w)
+        previous = np.asarray(self.recent_losses.numpy()[1])
+        self.recent_losses.assign(np.stack([previous, values]))
+        self.epochs_recorded.assign_add(1)
+        if int(self.epochs_recorded.numpy()) >= 2:
+            self.weights.assign(dwa_weights(values, previous, self.temperature))
 
     def on_epoch_end(self, epoch, logs):
         logs = logs or {}

@@ -573,3 +573,31 @@ def test_loading_another_strategys_state_warns_with_both_shapes(tmp_path):
     with pytest.warns(UserWarning, match=r"shapes \[\(4,\), \(4,\), \(\)"):
         other.load_weights(path)
     np.testing.assert_array_equal(other.get_weights()[0], model.get_weights()[0])
+
+
+def test_dwa_resumed_from_save_weights_updates_like_uninterrupted_training(tmp_path):
+    """DWA's weights after epoch 3 use the losses of epochs 2 and 3; a run
+    resumed after epoch 2 from ``save_weights`` must know epoch 2's losses
+    (reference: three epochs without interruption)."""
+    x, y = scene_like_batch()
+
+    def fresh():
+        keras.utils.set_random_seed(0)
+        model = tiny_model(TASKS)
+        model.compile(keras.optimizers.SGD(0.05), losses=TASKS, weighting="dwa")
+        return model
+
+    def fit(model, epochs):
+        model.fit(x, y, batch_size=4, epochs=epochs, shuffle=False, verbose=0)
+
+    reference = fresh()
+    fit(reference, 3)
+    first = fresh()
+    fit(first, 2)
+    first.save_weights(tmp_path / "dwa.weights.h5")
+    resumed = fresh()
+    resumed.load_weights(tmp_path / "dwa.weights.h5")
+    fit(resumed, 1)
+    expected = reference.weighting.weights.numpy()
+    assert np.max(np.abs(expected - first.weighting.weights.numpy())) > 1e-4
+    np.testing.assert_allclose(resumed.weighting.weights.numpy(), expected, atol=1e-6)
