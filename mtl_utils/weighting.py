@@ -804,6 +804,14 @@ class Combination(NamedTuple):
     heads: Any
 
 
+def _state_variable(value, name: str) -> keras.Variable:
+    """A strategy's non-trainable state: every replica computes the same value,
+    so the first replica's assignment is kept (``aggregation``)."""
+    return keras.Variable(
+        value, trainable=False, name=name, aggregation="only_first_replica"
+    )
+
+
 class Weighting:
     """Base class: one interface for every balancing strategy.
 
@@ -887,11 +895,8 @@ class Weighting:
         if first:
             self.create_state()
             if self.update_every > 1:
-                self.last_combination = keras.Variable(
-                    np.ones((2, len(names)), "float32"),
-                    trainable=False,
-                    name="last_combination",
-                    aggregation="only_first_replica",
+                self.last_combination = _state_variable(
+                    np.ones((2, len(names)), "float32"), "last_combination"
                 )
         if self.trainable_variables and self.optimizer is None:
             if model_optimizer is None:
@@ -1138,26 +1143,16 @@ class DynamicWeightAverage(Weighting):
         self.temperature = float(temperature)
 
     def create_state(self) -> None:
-        self.weights = keras.Variable(
-            np.ones((self.num_tasks,), "float32"),
-            trainable=False,
-            name="dwa_weights",
-            aggregation="only_first_replica",
+        self.weights = _state_variable(
+            np.ones((self.num_tasks,), "float32"), "dwa_weights"
         )
         # The last two epochs' average losses (rows: older, newer) and how many
         # epochs were recorded: Keras state, so that it is saved and restored.
-        self.recent_losses = keras.Variable(
-            np.zeros((2, self.num_tasks), "float32"),
-            trainable=False,
-            name="dwa_recent_losses",
-            aggregation="only_first_replica",
+        self.recent_losses = _state_variable(
+            np.zeros((2, self.num_tasks), "float32"), "dwa_recent_losses"
         )
-        self.epochs_recorded = keras.Variable(
-            0,
-            dtype="int32",
-            trainable=False,
-            name="dwa_epochs_recorded",
-            aggregation="only_first_replica",
+        self.epochs_recorded = _state_variable(
+            np.array(0, "int32"), "dwa_epochs_recorded"
         )
 
     def combine_losses(self, losses, present=None):
@@ -1243,19 +1238,10 @@ class GradNorm(Weighting):
         self.weights = keras.Variable(
             np.ones((n,), "float32"), trainable=True, name="gradnorm_weights"
         )
-        self.initial_losses = keras.Variable(
-            np.zeros((n,), "float32"),
-            trainable=False,
-            name="initial_losses",
-            aggregation="only_first_replica",
+        self.initial_losses = _state_variable(
+            np.zeros((n,), "float32"), "initial_losses"
         )
-        self.step = keras.Variable(
-            0,
-            dtype="int32",
-            trainable=False,
-            name="step",
-            aggregation="only_first_replica",
-        )
+        self.step = _state_variable(np.array(0, "int32"), "step")
 
     @property
     def trainable_variables(self) -> list:
