@@ -56,7 +56,6 @@ against equal weighting with a tuned learning rate.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -604,16 +603,6 @@ def make_strategy(name: str, seed: int = 0):
     return weighting.get(name)
 
 
-def _is_plain(value) -> bool:
-    if isinstance(value, (str, int, float, bool, type(None), np.ndarray, np.generic)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(_is_plain(v) for v in value.values())
-    return False
-
-
 class _Trainable:
     """A compiled model, its strategy, and its state right after compiling.
 
@@ -638,18 +627,11 @@ class _Trainable:
         self.strategy_optimizers = [o for o in [strategy.optimizer] if o is not None]
         self.state_vars = list(model.optimizer.variables) + self.strategy_vars
         self.initial = [np.array(v.numpy(), copy=True) for v in self.state_vars]
-        self.python_state = {
-            k: copy.deepcopy(v)
-            for k, v in vars(strategy).items()
-            if isinstance(v, (list, dict)) and _is_plain(v)
-        }
 
     def reset(self, weights: list[np.ndarray], run: Run) -> None:
         self.model.set_weights(weights)
         for v, value in zip(self.state_vars, self.initial, strict=True):
             v.assign(value)
-        for name, value in self.python_state.items():
-            setattr(self.strategy, name, copy.deepcopy(value))
         for gen in self.generators:
             gen.state.assign(np.array([run.seed, 0], dtype=gen.state.dtype))
         for opt in [self.model.optimizer, *self.strategy_optimizers]:
