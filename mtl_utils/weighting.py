@@ -1411,57 +1411,54 @@ class CAGrad(Weighting):
         return f"CAGrad(c={self.c})"
 
 
-class IMTL(Weighting):
+class _GramSolver(Weighting):
+    """Strategies whose shared coefficients are a function of the Gram matrix
+    alone (``solve``), computed over the tasks present in the batch.
+
+    ``heads_follow``: the heads are trained with the same coefficients (the
+    network minimises ``sum_i a_i L_i``), else each with its own gradient.
+    """
+
+    mode = "shared_parameters"
+    heads_follow = False
+
+    def __init__(self, update_every: int = 1):
+        super().__init__(update_every=update_every)
+
+    @staticmethod
+    def solve(gram):
+        raise NotImplementedError
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        coef = _zero_absent(
+            self.solve(_fill_absent(_check_gram(gram), present)), present
+        )
+        heads = coef if self.heads_follow else ops.ones((self.num_tasks,), "float32")
+        return Combination(shared=coef, heads=heads)
+
+
+class IMTL(_GramSolver):
     """Impartial MTL, gradient part IMTL-G (Liu et al. 2021); see
     :func:`imtl_weights`. Heads get their own gradients."""
 
-    mode = "shared_parameters"
-
-    def __init__(self, update_every: int = 1):
-        super().__init__(update_every=update_every)
-
-    def combine_gradients(
-        self, gram, losses, gradients=None, present=None
-    ) -> Combination:
-        w = _zero_absent(
-            imtl_weights(_fill_absent(_check_gram(gram), present)), present
-        )
-        return Combination(shared=w, heads=ops.ones_like(w))
+    solve = staticmethod(imtl_weights)
 
 
-class NashMTL(Weighting):
+class NashMTL(_GramSolver):
     """Nash bargaining (Navon et al. 2022); see :func:`nash_mtl_weights`.
     The network is trained on ``sum_i a_i L_i``."""
 
-    mode = "shared_parameters"
-
-    def __init__(self, update_every: int = 1):
-        super().__init__(update_every=update_every)
-
-    def combine_gradients(
-        self, gram, losses, gradients=None, present=None
-    ) -> Combination:
-        w = _zero_absent(
-            nash_mtl_weights(_fill_absent(_check_gram(gram), present)), present
-        )
-        return Combination(shared=w, heads=w)
+    solve = staticmethod(nash_mtl_weights)
+    heads_follow = True
 
 
-class AlignedMTL(Weighting):
+class AlignedMTL(_GramSolver):
     """Aligned-MTL (Senushkin et al. 2023); see :func:`aligned_mtl_coefficients`.
     Heads get their own gradients."""
 
-    mode = "shared_parameters"
-
-    def __init__(self, update_every: int = 1):
-        super().__init__(update_every=update_every)
-
-    def combine_gradients(
-        self, gram, losses, gradients=None, present=None
-    ) -> Combination:
-        coef = aligned_mtl_coefficients(_fill_absent(_check_gram(gram), present))
-        coef = _zero_absent(coef, present)
-        return Combination(shared=coef, heads=ops.ones((self.num_tasks,), "float32"))
+    solve = staticmethod(aligned_mtl_coefficients)
 
 
 _BY_NAME = {
