@@ -23,9 +23,9 @@ encoder's backward pass over the tasks.
 
 **The multiply-add floor.** An exact per-task-gradient method needs one backward
 pass through the shared encoder per task: T - 1 more than equal weighting. The
-script counts multiply-adds (:func:`mtl_utils.cost.macs_by_layer`; a backward
-pass costs twice its forward pass, less the input gradient of the first layer,
-which nobody needs) and prints ``1 + (T - 1) * encoder backward / equal-weighting
+script counts multiply-adds (:func:`mtl_utils.cost.training_step_macs`; a
+backward pass costs twice its forward pass, less the input gradient of the first
+layer, which nobody needs) and prints ``1 + (T - 1) * encoder backward / equal-weighting
 step``: the ratio an exact method would have on a machine whose time is its
 multiply-adds. Measured ratios can be lower, because the equal-weighting step
 leaves cores idle (element-wise ops, resizes, small convolutions) that the extra,
@@ -76,7 +76,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtl_utils import weighting as W  # noqa: E402
-from mtl_utils.cost import macs_by_layer  # noqa: E402
+from mtl_utils.cost import exact_gradient_cost_ratio, training_step_macs  # noqa: E402
 from mtl_utils.tasks import scene_tasks  # noqa: E402
 
 GROUPS = {
@@ -192,7 +192,8 @@ def run(args: argparse.Namespace, decoder: str) -> None:
                 model.train_on_batch(x, y)
             wall[name].append((time.perf_counter() - start) / args.steps)
             cpu[name].append((time.process_time() - start_cpu) / args.steps)
-    floor = _mac_floor(models["equal"], args.size, len(tasks))
+    step = training_step_macs(models["equal"], (args.size, args.size, 3))
+    floor = exact_gradient_cost_ratio(step, len(tasks))
     kernels = "Eigen" if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0" else "oneDNN"
     print(
         f"\n{kernels} kernels; "
@@ -219,23 +220,6 @@ def run(args: argparse.Namespace, decoder: str) -> None:
         f"multiply-add floor of exact per-task gradients: {floor:.2f}x "
         "(T encoder backward passes instead of one)"
     )
-
-
-def _mac_floor(model, size: int, num_tasks: int) -> float:
-    """``1 + (T - 1) * encoder backward MACs / equal-weighting step MACs``.
-
-    Layers are the encoder's when their path starts with ``encoder/`` (the
-    nested model of :func:`mtl_utils.models.build_multitask`). Backward = 2 x
-    forward (input and weight gradients) for every layer but the first, whose
-    input gradient is not computed.
-    """
-    macs = macs_by_layer(model, (size, size, 3))
-    encoder = {k: v for k, v in macs.items() if k.startswith("encoder/")}
-    first = next(iter(encoder.values()))
-    total = sum(macs.values())
-    step = total + 2 * total - first
-    extra = (num_tasks - 1) * (2 * sum(encoder.values()) - first)
-    return 1 + extra / step
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ __all__ = [
     "macs_by_layer",
     "macs_per_image",
     "flops_per_image",
+    "training_step_macs",
+    "exact_gradient_cost_ratio",
     "measure_latency",
 ]
 
@@ -255,6 +257,65 @@ def flops_per_image(
     ``flops_per_image(m) == 2 * macs_per_image(m)``.
     """
     return 2 * macs_per_image(model, input_shape)
+
+
+def training_step_macs(
+    model: keras.Model,
+    input_shape: Sequence[int] | None = None,
+    shared: str = "encoder",
+) -> dict[str, dict[str, int]]:
+    """Multiply-adds per image of one training step, shared part and heads.
+
+    A backward pass does twice its forward pass's multiply-adds (gradients with
+    respect to each layer's input and to its weights), except in the first
+    counted layer of the shared part, which reads the image: its input gradient
+    is never computed.
+
+    Parameters
+    ----------
+    model:
+        A multi-task model whose shared part is the nested model (or layer-path
+        prefix) ``shared``, as in :func:`mtl_utils.models.build_multitask`.
+    input_shape:
+        See :func:`macs_by_layer`.
+    shared:
+        Path prefix of the shared layers in :func:`macs_by_layer`'s keys.
+
+    Returns
+    -------
+    dict
+        ``{"shared": {"forward": .., "backward": ..}, "heads": {..}}``.
+    """
+    macs = macs_by_layer(model, input_shape)
+    prefix = shared.rstrip("/") + "/"
+    shared_macs = [v for k, v in macs.items() if k.startswith(prefix)]
+    if not shared_macs:
+        raise ValueError(
+            f"no counted layer's path starts with {prefix!r}; the model's counted "
+            f"layers are {list(macs)}"
+        )
+    first = shared_macs[0]
+    forward = sum(shared_macs)
+    heads = sum(macs.values()) - forward
+    return {
+        "shared": {"forward": forward, "backward": 2 * forward - first},
+        "heads": {"forward": heads, "backward": 2 * heads},
+    }
+
+
+def exact_gradient_cost_ratio(step: dict, num_tasks: int) -> float:
+    """Multiply-adds of a step with exact per-task gradients over equal weighting's.
+
+    Exact per-task-gradient methods (PCGrad, MGDA, CAGrad, ...) back-propagate
+    each task through the shared part separately: ``num_tasks - 1`` shared
+    backward passes more than one step on the summed loss. ``step`` is
+    :func:`training_step_macs`'s result.
+    """
+    if int(num_tasks) < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    equal = sum(sum(part.values()) for part in step.values())
+    extra = (int(num_tasks) - 1) * step["shared"]["backward"]
+    return (equal + extra) / equal
 
 
 # ---------------------------------------------------------------------------

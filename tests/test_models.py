@@ -20,10 +20,12 @@ from tensorflow.python.framework.convert_to_constants import (
 
 from mtl_utils.cost import (
     count_params,
+    exact_gradient_cost_ratio,
     flops_per_image,
     macs_by_layer,
     macs_per_image,
     measure_latency,
+    training_step_macs,
 )
 from mtl_utils.models import (
     build_mtan,
@@ -290,6 +292,32 @@ def test_macs_of_a_small_nested_network_match_a_hand_computation():
     }
     assert macs_by_layer(model) == hand
     assert flops_per_image(model) == 2 * macs_per_image(model) == 2 * sum(hand.values())
+
+
+def test_training_step_macs_and_exact_gradient_ratio_match_a_hand_count():
+    """Shared encoder: two 3x3 convolutions on 8x8 (3 -> 4 -> 4 channels); two
+    heads, a 1x1 convolution each. Backward = 2 x forward, except the first
+    layer's input gradient."""
+    inner_in = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inner_in)
+    h = keras.layers.Conv2D(4, 3, padding="same", name="c2")(h)
+    encoder = keras.Model(inner_in, h, name="encoder")
+    inputs = keras.Input((8, 8, 3))
+    z = encoder(inputs)
+    outputs = [keras.layers.Conv2D(1, 1, name=f"head{i}")(z) for i in range(2)]
+    model = keras.Model(inputs, outputs)
+    c1, c2, head = 64 * 4 * 27, 64 * 4 * 36, 64 * 1 * 4
+    step = training_step_macs(model)
+    assert step == {
+        "shared": {"forward": c1 + c2, "backward": c1 + 2 * c2},
+        "heads": {"forward": 2 * head, "backward": 4 * head},
+    }
+    equal = (c1 + c2) + (c1 + 2 * c2) + 6 * head
+    for tasks in (1, 2, 5):
+        expected = (equal + (tasks - 1) * (c1 + 2 * c2)) / equal
+        assert exact_gradient_cost_ratio(step, tasks) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="starts with 'trunk/'"):
+        training_step_macs(model, shared="trunk")
 
 
 def test_vgg16_multiply_adds_at_224_match_the_closed_form():
