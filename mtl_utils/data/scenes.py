@@ -128,14 +128,62 @@ class Scene:
         )
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
+@dataclass(frozen=True)
+class Layout:
+    """Ranges that :func:`sample_scene` draws objects from.
+
+    ``distance``: range of an object's floor distance ``z`` from the camera;
+    ``max_objects``: most objects a scene holds (at least one).
+    """
+
+    distance: tuple[float, float] = (2.5, 6.0)
+    max_objects: int = MAX_OBJECTS
+
+    def __post_init__(self) -> None:
+        near, far = self.distance
+        if not 0.5 <= near < far:
+            raise ValueError(
+                f"distance={self.distance!r}; expected (near, far) with "
+                "0.5 <= near < far"
+            )
+        if not 1 <= int(self.max_objects) <= MAX_OBJECTS:
+            raise ValueError(
+                f"max_objects={self.max_objects!r}; expected 1..{MAX_OBJECTS}"
+            )
+
+
+#: Named layouts. ``"default"``: the benchmark of chapters 1 to 4 (1 to 5 objects,
+#: 2.5 to 6 units away). ``"near"``: 1 to 3 objects 1.8 to 3.2 units away, so that
+#: objects cover enough pixels of a 32 x 32 image to be segmented (the reference
+#: scale of the experiments in chapters 5 and 6).
+LAYOUTS = {
+    "default": Layout(),
+    "near": Layout(distance=(1.8, 3.2), max_objects=3),
+}
+
+
+def _layout(layout: str | Layout) -> Layout:
+    if isinstance(layout, Layout):
+        return layout
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}"
+        )
+    return LAYOUTS[layout]
+
+
+def sample_scene(rng: np.random.Generator, layout: str | Layout = "default") -> Scene:
     """Draw a random scene: 1 to ``MAX_OBJECTS`` non-overlapping objects in view.
 
     Parameters
     ----------
     rng:
         NumPy generator; the scene depends only on its state.
+    layout:
+        A name of :data:`LAYOUTS` or a :class:`Layout`: how many objects, how far.
     """
+    layout = _layout(layout)
+    near, far = layout.distance
     cam = Camera(
         height=rng.uniform(1.0, 1.6),
         pitch=rng.uniform(0.15, 0.4),
@@ -144,13 +192,13 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     az = rng.uniform(-1.2, 1.2)
     el = rng.uniform(0.5, 1.2)
     light = (np.sin(az) * np.cos(el), np.sin(el), -np.cos(az) * np.cos(el))
-    n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
+    n_objects = int(rng.integers(1, layout.max_objects + 1))
     objects: list[Object3D] = []
     footprints: list[tuple[float, float, float]] = []
     for _ in range(n_objects):
         for _attempt in range(20):
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            z = rng.uniform(2.5, 6.0)
+            z = rng.uniform(near, far)
             x = rng.uniform(-0.4, 0.4) * z / cam.focal * 1.6
             if shape == "sphere":
                 r = rng.uniform(0.35, 0.7)
@@ -509,15 +557,23 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
-def sample_scenes(n: int, seed: int = 0, start: int = 0) -> list[Scene]:
-    """Scenes ``start .. start + n - 1`` of ``seed``."""
+def sample_scenes(
+    n: int, seed: int = 0, start: int = 0, layout: str | Layout = "default"
+) -> list[Scene]:
+    """Scenes ``start .. start + n - 1`` of ``seed`` (see :func:`sample_scene`)."""
     if int(n) != n or n < 0:
         raise ValueError(f"number of scenes must be an integer >= 0, got {n!r}")
-    return [sample_scene(scene_rng(seed, i)) for i in range(start, start + int(n))]
+    layout = _layout(layout)
+    return [
+        sample_scene(scene_rng(seed, i), layout) for i in range(start, start + int(n))
+    ]
 
 
 def render_scenes(
-    n: int, size: int | tuple[int, int] = 64, seed: int = 0
+    n: int,
+    size: int | tuple[int, int] = 64,
+    seed: int = 0,
+    layout: str | Layout = "default",
 ) -> dict[str, np.ndarray]:
     """Sample and render ``n`` scenes of the benchmark.
 
@@ -530,6 +586,9 @@ def render_scenes(
         Image side in pixels (int) or ``(height, width)``; at least ``MIN_SIZE``.
     seed:
         Seed of the benchmark split (use different seeds for train and test).
+    layout:
+        Object ranges: a name of :data:`LAYOUTS` (``"default"`` or ``"near"``) or a
+        :class:`Layout`.
 
     Returns
     -------
@@ -540,4 +599,4 @@ def render_scenes(
         int32 number of visible objects.
     """
     _image_size(size)
-    return render_batch(sample_scenes(n, seed), size)
+    return render_batch(sample_scenes(n, seed, layout=layout), size)
