@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 export TF_ENABLE_ONEDNN_OPTS := 0
 export KERAS_BACKEND := tensorflow
 
-.PHONY: book test lint bench clean
+.PHONY: book test lint bench clean setup-cells
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# After changing repository.url in _config.yml: write it into every setup cell.
+setup-cells: $(STAMP)
+	$(BIN)/python .ci/setup_cell.py
 
 clean:
 	rm -rf _build

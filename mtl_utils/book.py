@@ -3,13 +3,21 @@
 :func:`glue` records a value for the rendered book (myst-nb's ``glue``) when
 myst-nb is installed, and otherwise just shows it, so that a chapter runs
 unchanged in Colab or a plain Jupyter kernel, where myst-nb is absent.
+:func:`quiet_stderr` keeps TensorFlow's start-up messages (CUDA plugin registration,
+written by C++ straight to the process's stderr) out of a chapter's setup cell.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["glue"]
+__all__ = ["glue", "quiet_stderr"]
 
 
 def glue(name: str, variable: Any, display: bool = True) -> None:
@@ -40,3 +48,37 @@ def glue(name: str, variable: Any, display: bool = True) -> None:
     except ImportError:  # a plain Python script
         show = print
     show(variable)
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Hide everything written to stderr inside the block, unless the block fails.
+
+    Importing the full ``tensorflow`` wheel (Colab's) prints CUDA plugin
+    registration errors and an absl notice from C++, before ``TF_CPP_MIN_LOG_LEVEL``
+    takes effect. They go to file descriptor 2, which Jupyter shows as red text, so
+    this redirects the descriptor (and ``sys.stderr``) to a temporary file for the
+    duration of the block. If the block raises, what was captured is written to
+    ``sys.stderr`` before the exception propagates, so no real error is hidden.
+
+    Examples
+    --------
+    >>> with quiet_stderr():
+    ...     print("not shown", file=sys.stderr)
+    """
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        saved = os.dup(2)
+        text = io.StringIO()
+        try:
+            os.dup2(captured.fileno(), 2)
+            with contextlib.redirect_stderr(text):
+                yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace") + text.getvalue())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -11,6 +11,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / ".ci"))
+import setup_cell  # noqa: E402
+
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 
@@ -42,19 +45,63 @@ def test_every_toc_entry_exists_and_every_chapter_is_in_the_toc():
         assert str(chapter.relative_to(ROOT).with_suffix("")) in listed
 
 
-@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
-def test_setup_cell_installs_from_the_configured_repository_only_when_missing(path):
+# Chapters whose owner has yet to run `make setup-cells` (remove once done: a
+# strict xfail fails as soon as the chapter has the setup cell).
+SETUP_CELL_PENDING = {"05_training_strategies.ipynb", "06_vgg_multihead.ipynb"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            p,
+            marks=pytest.mark.xfail(
+                p.name in SETUP_CELL_PENDING, reason="setup cell pending", strict=True
+            ),
+        )
+        for p in CHAPTERS
+    ],
+    ids=lambda p: p.name,
+)
+def test_every_chapter_starts_with_the_setup_cell_for_the_configured_repository(path):
+    """.ci/setup_cell.py holds the one setup cell, with _config.yml's URL."""
     url = CONFIG["repository"]["url"]
-    setup = first_code_cell(load(path))
-    assert f'REPO_URL = "{url}"' in setup, f"{path.name}: setup cell URL != _config.yml"
+    expected = setup_cell.setup_source(url)
+    assert first_code_cell(load(path)) == expected, (
+        f"{path.name}: setup cell differs from .ci/setup_cell.py with {url}; "
+        "run `make setup-cells`"
+    )
+
+
+def test_setup_cell_quiets_tensorflow_before_importing_it():
+    setup = setup_cell.setup_source("https://example.org/repo")
+    assert 'REPO_URL = "https://example.org/repo"' in setup
     assert re.search(r'if importlib\.util\.find_spec\("mtl_utils"\) is None:', setup)
     assert "git+{REPO_URL}" in setup
-    # TensorFlow's log variables are set before anything imports keras/tensorflow
-    imports = [setup.find(f"import {m}") for m in ("keras", "tensorflow")]
-    first_import = min(i for i in imports if i >= 0)
+    first_import = setup.find("import keras")
     assert -1 < setup.find('os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"') < first_import
     assert -1 < setup.find('os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"') < first_import
+    assert -1 < setup.find("with quiet_stderr():") < first_import
     assert "keras.utils.set_random_seed(" in setup
+
+
+def test_setup_cell_says_what_to_set_when_the_install_fails(tmp_path):
+    """Without site-packages (-S) mtl_utils is missing, so the cell runs pip on a
+    repository that does not exist; pip fails and the cell names REPO_URL."""
+    missing = (tmp_path / "no-such-repo").as_uri()
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", setup_cell.setup_source(missing)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("RuntimeError: could not install mtl_utils from "), (
+        result.stderr[-2000:]
+    )
+    assert missing in message and "set REPO_URL in this cell" in message
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
