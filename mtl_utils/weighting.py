@@ -40,7 +40,17 @@ Scale conventions. :class:`EqualWeighting` minimises the *sum* of task losses
 (weights 1). DWA and GradNorm keep weights summing to ``T``, :class:`PCGrad`
 sums the projected gradients and :class:`CAGrad` is scaled so that ``c = 0``
 is exactly equal weighting; MGDA, IMTL and random weights sum to 1 as in their
-papers, and Nash-MTL's scale is set by its bargaining solution.
+papers, and Nash-MTL's scale is set by its bargaining solution (its shared
+update clipped to norm 1, as in the references).
+
+Partial labels: one rule for every strategy. A task without labels in the batch
+(``present[i] = 0``; its loss and gradient are 0) gets coefficient 0, logged as
+weight 0, and the present tasks are combined exactly as the same strategy would
+combine them alone, with its scale convention applied to the ``K`` present
+tasks (equal weighting and PCGrad sum them, CAGrad's ``c = 0`` is their sum, DWA
+and GradNorm weights of the present tasks sum to what they would alone, MGDA,
+IMTL and random weights sum to 1 over them). Tests hold every strategy with a
+task absent equal to the same strategy built on the present tasks.
 
 References
 ----------
@@ -61,12 +71,14 @@ import numpy as np
 from keras import ops
 
 __all__ = [
+    "CAGRAD_EXACT_MAX_TASKS",
     "CAGrad",
     "Combination",
     "DynamicWeightAverage",
     "EqualWeighting",
     "GradNorm",
     "IMTL",
+    "IMTLL",
     "MGDA",
     "NashMTL",
     "AlignedMTL",
@@ -82,6 +94,7 @@ __all__ = [
     "get",
     "gradnorm_weight_gradient",
     "gram_matrix",
+    "imtl_l_loss",
     "imtl_weights",
     "mgda_weights",
     "mgda_weights_from_gram",
@@ -142,6 +155,13 @@ def _check_vector(v, num_tasks: int, what: str, names: Sequence[str] | None = No
             f"per task{listed}"
         )
     return v
+
+
+def _mask(present, num_tasks: int):
+    """The ``(T,)`` float mask of present tasks (all present when ``None``)."""
+    if present is None:
+        return ops.ones((num_tasks,), "float32")
+    return _check_vector(present, num_tasks, "present")
 
 
 # ---------------------------------------------------------------- pure cores: basics
@@ -237,27 +257,34 @@ def mgda_weights_from_gram(
     max_iterations: int = 250,
     tolerance: float = 1e-7,
     method: str = "auto",
+    present=None,
 ):
-    """MGDA weights from the Gram matrix (see :func:`mgda_weights`)."""
+    """MGDA weights from the Gram matrix (see :func:`mgda_weights`).
+
+    ``present``: optional ``(T,)`` mask; the min-norm point is taken over the
+    present tasks only and absent tasks get weight 0.
+    """
     gram = _check_gram(gram)
     n = _num_tasks(gram)
     if method not in ("auto", "frank_wolfe"):
         raise ValueError(f"method must be 'auto' or 'frank_wolfe'; got {method!r}")
+    mask = _mask(present, n)
     if n == 1:
-        return ops.ones((1,), "float32")
+        return mask
     if method == "frank_wolfe":
-        best_w = ops.full((n,), 1.0 / n)
+        best_w = mask / ops.maximum(ops.sum(mask), 1.0)
     elif n == 2:
-        return min_norm_two(gram)
+        # One task present: all weight on it (the mask itself).
+        return ops.where(ops.sum(mask) > 1.5, min_norm_two(gram), mask)
     else:
-        best_w = _best_pair(gram, n)
+        best_w = _best_pair(gram, n, mask)
 
     def cond(i, w, change):
         return ops.logical_and(i < max_iterations, change > tolerance)
 
     def body(i, w, change):
         gw = ops.matmul(gram, w)  # (T,) = G g_w
-        t = ops.argmin(gw)
+        t = ops.argmin(ops.where(mask > 0, gw, np.inf))
         aa = ops.sum(w * gw)
         ab = ops.take(gw, t)
         bb = ops.take(ops.diagonal(gram), t)
@@ -271,9 +298,11 @@ def mgda_weights_from_gram(
     return w
 
 
-def _best_pair(gram, n):
-    """Min-norm point over all pairs of tasks (Sener and Koltun's start)."""
-    best_value, best_w = None, None
+def _best_pair(gram, n, mask):
+    """Min-norm point over all pairs of present tasks (Sener and Koltun's start),
+    or the single present task."""
+    best_w = mask / ops.maximum(ops.sum(mask), 1.0)
+    best_value = ops.where(ops.sum(mask) > 1.5, np.inf, 0.0)
     for i in range(n):
         for j in range(i + 1, n):
             sub = ops.stack(
@@ -285,17 +314,19 @@ def _best_pair(gram, n):
             pair = min_norm_two(sub)
             w = pair[0] * ops.one_hot(i, n) + pair[1] * ops.one_hot(j, n)
             value = ops.sum(w * ops.matmul(gram, w))
-            if best_value is None:
-                best_value, best_w = value, w
-            else:
-                better = value < best_value
-                best_w = ops.where(better, w, best_w)
-                best_value = ops.minimum(value, best_value)
+            value = ops.where(mask[i] * mask[j] > 0, value, np.inf)
+            better = value < best_value
+            best_w = ops.where(better, w, best_w)
+            best_value = ops.minimum(value, best_value)
     return best_w
 
 
 def mgda_weights(
-    G, max_iterations: int = 250, tolerance: float = 1e-7, method: str = "auto"
+    G,
+    max_iterations: int = 250,
+    tolerance: float = 1e-7,
+    method: str = "auto",
+    present=None,
 ):
     """Min-norm point of the convex hull of task gradients (MGDA).
 
@@ -316,6 +347,9 @@ def mgda_weights(
         ``"auto"`` (closed form for two tasks, else Frank-Wolfe from the best
         pair) or ``"frank_wolfe"`` (Frank-Wolfe from uniform weights for any
         number of tasks).
+    present:
+        Optional ``(T,)`` mask of tasks with labels in the batch; the weights
+        are those of the present tasks alone, 0 for the others.
 
     Returns
     -------
@@ -327,7 +361,9 @@ def mgda_weights(
     >>> mgda_weights(np.array([[1.0, 0.0], [0.0, 1.0]])).numpy().round(3)
     array([0.5, 0.5], dtype=float32)
     """
-    return mgda_weights_from_gram(gram_matrix(G), max_iterations, tolerance, method)
+    return mgda_weights_from_gram(
+        gram_matrix(G), max_iterations, tolerance, method, present
+    )
 
 
 # ----------------------------------------------------------------- pure cores: PCGrad
@@ -412,10 +448,16 @@ def pcgrad(G, order=None):
 
 
 def _cagrad_objective(w, gram, b, sqrt_phi):
-    gw = ops.matmul(gram, w)
-    return ops.sum(w * ops.matmul(gram, b)) + sqrt_phi * ops.sqrt(
-        ops.maximum(ops.sum(w * gw), _TINY)
+    """``g_w . g_0 + sqrt(phi) ||g_w||`` for ``(..., T)`` weights ``w``."""
+    gw = ops.matmul(w, gram)
+    return ops.sum(gw * b, axis=-1) + sqrt_phi * ops.sqrt(
+        ops.maximum(ops.sum(gw * w, axis=-1), 0.0)
     )
+
+
+# Up to this many tasks the CAGrad dual is solved exactly by visiting every face
+# of the simplex (2^T - 1 small linear solves, batched); beyond it iteratively.
+CAGRAD_EXACT_MAX_TASKS = 12
 
 
 def cagrad_coefficients(
@@ -424,16 +466,31 @@ def cagrad_coefficients(
     rescale: bool = True,
     iterations: int = 200,
     force_iterative: bool = False,
+    present=None,
 ):
     """CAGrad as coefficients on the rows of ``G`` (see :func:`cagrad`).
 
     Solves the dual ``min_{w in simplex} g_w . g_0 + sqrt(phi) ||g_w||`` with
-    ``g_0`` the mean gradient, ``g_w = w @ G`` and ``phi = c^2 ||g_0||^2``. Two
-    tasks use the exact solution of the one-dimensional problem; more tasks (or
+    ``g_0`` the mean gradient, ``g_w = w @ G`` and ``phi = c^2 ||g_0||^2``.
+
+    Up to :data:`CAGRAD_EXACT_MAX_TASKS` tasks the solution is exact
+    (:func:`_cagrad_dual_exact`): the minimiser lies inside one face of the
+    simplex, where the stationarity conditions have a closed form, so every
+    face is solved and the best feasible point kept. More tasks (or
     ``force_iterative=True``) use projected gradient descent on the simplex
-    (``iterations`` steps of size ``0.5 / sqrt(k + 1)`` on the Gram matrix
-    normalised to unit mean diagonal, which leaves the solution unchanged),
-    keeping the best iterate.
+    (``iterations`` steps of size ``0.5 / sqrt(k + 1)``, keeping the best
+    iterate), which is approximate.
+
+    Parameters
+    ----------
+    gram:
+        ``(T, T)`` Gram matrix.
+    c, rescale:
+        As for :func:`cagrad`.
+    present:
+        Optional ``(T,)`` mask of tasks with labels in the batch: the mean
+        gradient and the dual are over the present tasks alone, and absent tasks
+        get coefficient 0.
 
     Returns
     -------
@@ -441,14 +498,17 @@ def cagrad_coefficients(
     """
     gram = _check_gram(gram)
     n = _num_tasks(gram)
-    scale = ops.maximum(ops.mean(ops.diagonal(gram)), _TINY)
-    m = gram / scale
-    b = ops.full((n,), 1.0 / n)
+    mask = _mask(present, n)
+    # The Gram matrix normalised to unit mean diagonal: same solution, and
+    # tolerances independent of the gradients' scale.
+    scale = ops.sum(ops.diagonal(gram) * mask) / ops.maximum(ops.sum(mask), 1.0)
+    m = gram / ops.maximum(scale, _TINY)
+    b = mask / ops.maximum(ops.sum(mask), 1.0)
     sqrt_phi = c * ops.sqrt(ops.maximum(ops.sum(b * ops.matmul(m, b)), 0.0))
-    if n == 2 and not force_iterative:
-        w = _cagrad_dual_two(m, b, sqrt_phi)
+    if n <= CAGRAD_EXACT_MAX_TASKS and not force_iterative:
+        w = _cagrad_dual_exact(m, b, sqrt_phi, mask)
     else:
-        w = _cagrad_dual_iterative(m, b, sqrt_phi, iterations)
+        w = _cagrad_dual_iterative(m, b, sqrt_phi, iterations, mask)
     gw_norm = ops.sqrt(ops.maximum(ops.sum(w * ops.matmul(m, w)), 0.0))
     lam = sqrt_phi / (gw_norm + 1e-6)
     coef = b + lam * w
@@ -457,39 +517,79 @@ def cagrad_coefficients(
     return coef
 
 
-def _cagrad_dual_two(m, b, sqrt_phi):
-    """Exact minimiser of the CAGrad dual for two tasks, ``w = (t, 1 - t)``.
+def _simplex_faces(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every face of the ``n``-simplex: ``(support, first)``, ``(2^n - 1, n)``
+    indicators of its vertices and of its first vertex."""
+    support = (np.arange(1, 2**n)[:, None] >> np.arange(n)) & 1
+    first = np.zeros_like(support)
+    first[np.arange(len(support)), np.argmax(support, axis=1)] = 1
+    return support.astype("float64"), first.astype("float64")
 
-    With ``g_w = g_2 + t (g_1 - g_2)``: ``F(t) = const + beta t + s sqrt(q(t))``,
-    ``A q(t) = (A t + B)^2 + D`` (``A = ||g_1 - g_2||^2``, ``B = (g_1 - g_2).g_2``,
-    ``D = A ||g_2||^2 - B^2 >= 0``). ``F' = 0`` gives
-    ``u = A t + B = -sign(beta) |beta| sqrt(D / (s^2 A - beta^2))`` when
-    ``s^2 A > beta^2``; otherwise ``F`` is monotone on ``[0, 1]``.
+
+def _cagrad_dual_exact(m, b, sqrt_phi, mask):
+    """Exact minimiser of the CAGrad dual by solving it on every face.
+
+    The dual depends on ``w`` only through ``g = g_w``:
+    ``f(g) = g . g_0 + s ||g||`` (``s = sqrt(phi)``), convex, minimised over
+    the convex hull of the gradients. Its minimiser is a convex combination of
+    affinely independent gradients with positive weights (Caratheodory), so it
+    is stationary on the affine hull of one face ``S``. Write
+    ``g = g_k + D l`` (``k`` the face's first vertex, the columns of ``D`` the
+    edges ``g_j - g_k``). ``D^T grad f = 0`` reads
+    ``D^T g = -(r / s) D^T g_0`` with ``r = ||g||``, so ``g = p + r q``: ``p``
+    the point of the affine hull nearest the origin and
+    ``q = -P_D g_0 / s`` (``P_D`` the projection onto the edges' span). As
+    ``p`` is orthogonal to the edges, ``r^2 = ||p||^2 + r^2 ||q||^2``, so
+    ``r = ||p|| / sqrt(1 - ||q||^2)`` when ``||q|| < 1`` (otherwise the face
+    holds no minimiser). Everything is an inner product, read from the Gram
+    matrix; the ``2^T - 1`` faces are solved as one batch in float64. A face
+    whose weights are negative is infeasible; among the feasible ones the
+    lowest dual value wins (a vertex is always feasible).
     """
-    d = ops.convert_to_tensor([1.0, -1.0])
-    g0 = ops.matmul(m, b)
-    a = ops.sum(d * ops.matmul(m, d))
-    bb = ops.sum(d * m[:, 1])
-    big_d = ops.maximum(a * m[1, 1] - bb**2, 0.0)
-    beta = ops.sum(d * g0)
-    s2a = sqrt_phi**2 * a
-    interior = s2a > beta**2 + _TINY
-    u = (
-        -ops.sign(beta)
-        * ops.abs(beta)
-        * ops.sqrt(big_d / ops.maximum(s2a - beta**2, _TINY))
-    )
-    t_interior = (u - bb) / ops.maximum(a, _TINY)
-    t_edge = ops.where(beta > 0, 0.0, 1.0)
-    t = ops.where(interior, t_interior, t_edge)
-    t = ops.where(a > _TINY, ops.clip(t, 0.0, 1.0), 0.5)
-    return ops.stack([t, 1.0 - t])
+    n = _num_tasks(m)
+    support, first = _simplex_faces(n)
+    edges = support - first  # the other vertices of each face
+    a = ops.cast(m, "float64")
+    s = ops.maximum(ops.cast(sqrt_phi, "float64"), 1e-30)
+    g0 = ops.matmul(a, ops.cast(b, "float64"))  # (T,): g_i . g_0
+    a_k = ops.matmul(first, a)  # (F, T): g_k . g_i
+    a_kk = ops.sum(a_k * first, axis=1)  # (F,)
+    g0_k = ops.matmul(first, g0[:, None])[:, 0]  # (F,)
+    outer = edges[:, :, None] * edges[:, None, :]
+    # D^T D, padded with the identity outside the face's edges.
+    dtd = (a[None] - a_k[:, :, None] - a_k[:, None, :] + a_kk[:, None, None]) * outer
+    dtd = dtd + np.eye(n) * (1.0 - edges)[:, :, None]
+    trace = ops.maximum(ops.trace(a), 1e-30)
+    dtd = dtd + 1e-13 * trace * np.eye(n)  # exactly dependent edges stay finite
+    dgk = (a_k - a_kk[:, None]) * edges  # D^T g_k
+    dg0 = (g0[None] - g0_k[:, None]) * edges  # D^T g_0
+    solved = ops.solve(dtd, ops.stack([-dgk, -dg0], axis=-1))
+    l_p, l_q = solved[..., 0], solved[..., 1] / s  # g = g_k + D (l_p + r l_q)
+    p2 = ops.maximum(a_kk + ops.sum(l_p * dgk, axis=1), 0.0)  # ||p||^2
+    q2 = -ops.sum(l_q * dg0, axis=1) / s  # ||q||^2
+    r = ops.sqrt(p2 / ops.maximum(1.0 - q2, 1e-30))
+    lam = l_p + r[:, None] * l_q
+    w = lam + first * (1.0 - ops.sum(lam, axis=1))[:, None]
+    inside = ops.logical_or(ops.sum(edges, axis=1) == 0, q2 < 1.0)
+    feasible = ops.logical_and(inside, ops.all(w >= -1e-9, axis=1))
+    feasible = ops.logical_and(feasible, ops.all(ops.isfinite(w), axis=1))
+    # Faces of present tasks only.
+    absent = ops.cast(1.0 - mask, "float64")
+    feasible = ops.logical_and(feasible, ops.matmul(support, absent) == 0)
+    w = ops.where(feasible[:, None], ops.maximum(w, 0.0), first)
+    w = w / ops.sum(w, axis=1, keepdims=True)
+    value = _cagrad_objective(w, a, ops.cast(b, "float64"), s)
+    value = ops.where(feasible, value, np.inf)
+    best = ops.take(w, ops.argmin(value), axis=0)
+    return ops.cast(best, "float32") * mask
 
 
-def _cagrad_dual_iterative(m, b, sqrt_phi, iterations):
-    """Projected gradient descent on the simplex for the CAGrad dual."""
+def _cagrad_dual_iterative(m, b, sqrt_phi, iterations, mask):
+    """Projected gradient descent on the simplex of the present tasks for the
+    CAGrad dual (approximate)."""
     w0 = b
     f0 = _cagrad_objective(w0, m, b, sqrt_phi)
+    absent = (1.0 - mask) * 1e6  # pushes absent tasks out of every projection
 
     def body(k, state):
         w, best_w, best_f = state
@@ -497,7 +597,7 @@ def _cagrad_dual_iterative(m, b, sqrt_phi, iterations):
         norm = ops.sqrt(ops.maximum(ops.sum(w * gw), _TINY))
         grad = ops.matmul(m, b) + sqrt_phi * gw / norm
         step = 0.5 / ops.sqrt(ops.cast(k, "float32") + 1.0)
-        w = project_onto_simplex(w - step * grad)
+        w = project_onto_simplex(w - step * grad - absent)
         f = _cagrad_objective(w, m, b, sqrt_phi)
         better = f < best_f
         return w, ops.where(better, w, best_w), ops.where(better, f, best_f)
@@ -506,7 +606,9 @@ def _cagrad_dual_iterative(m, b, sqrt_phi, iterations):
     return w
 
 
-def cagrad(G, c: float = 0.5, rescale: bool = True, iterations: int = 200):
+def cagrad(
+    G, c: float = 0.5, rescale: bool = True, iterations: int = 200, present=None
+):
     """Conflict-averse gradient descent (CAGrad; Liu et al. 2021, Algorithm 1).
 
     Finds the update ``d`` that maximises the worst-case task improvement
@@ -523,31 +625,41 @@ def cagrad(G, c: float = 0.5, rescale: bool = True, iterations: int = 200):
         Radius of the ball relative to ``||g_0||`` (the paper uses 0.4-0.5).
     rescale:
         Divide by ``1 + c^2`` as the authors' code does.
+    iterations:
+        Solver steps beyond :data:`CAGRAD_EXACT_MAX_TASKS` tasks.
+    present:
+        Optional ``(T,)`` mask: CAGrad of the present tasks alone.
 
     Returns
     -------
     ``(P,)`` update direction (mean scale, like ``g_0``).
     """
     G = _check_matrix(G)
-    return ops.matmul(cagrad_coefficients(gram_matrix(G), c, rescale, iterations), G)
+    coef = cagrad_coefficients(gram_matrix(G), c, rescale, iterations, present=present)
+    return ops.matmul(coef, G)
 
 
 # ---------------------------------------------------- pure cores: IMTL, Nash, Aligned
 
 
-def imtl_weights(gram):
+def imtl_weights(gram, present=None):
     """IMTL-G weights (Liu et al. 2021, "Towards impartial multi-task learning").
 
     Finds ``a`` (summing to one) such that ``g = a @ G`` has the same projection
-    onto every unit gradient ``u_i = g_i / ||g_i||``:
-    ``a_{2:T} = g_1 U^T (D U^T)^{-1}``, ``a_1 = 1 - sum(a_{2:T})`` with rows
-    ``D_i = g_1 - g_i`` and ``U_i = u_1 - u_i``, written here with inner
-    products only.
+    onto every unit gradient ``u_i = g_i / ||g_i||``. The paper writes the
+    solution with task 1 as reference, ``a_{2:T} = g_1 U^T (D U^T)^{-1}`` (rows
+    ``D_i = g_1 - g_i``, ``U_i = u_1 - u_i``). Equivalently, ``u_i . g = kappa``
+    for every ``i`` reads ``G G^T a = kappa n`` (``n`` the gradient norms), so
+    ``a = (G G^T)^{-1} n / (1^T (G G^T)^{-1} n)``: one linear solve, symmetric
+    in the tasks.
 
     Parameters
     ----------
     gram:
         ``(T, T)`` Gram matrix (gradients must be linearly independent).
+    present:
+        Optional ``(T,)`` mask: the weights of the present tasks alone (their
+        block of the Gram matrix), 0 for the others.
 
     Returns
     -------
@@ -555,20 +667,59 @@ def imtl_weights(gram):
     """
     gram = _check_gram(gram)
     n = _num_tasks(gram)
-    if n == 1:
-        return ops.ones((1,), "float32")
+    mask = _mask(present, n)
     norms = ops.sqrt(ops.maximum(ops.diagonal(gram), _TINY))
-    # proj[a, b] = g_a . u_b
-    proj = gram / norms[None, :]
-    g1u = proj[0, 0] - proj[0, 1:]  # (T-1,)
-    du = (
-        proj[0, 0] - proj[0:1, 1:] - proj[1:, 0:1] + proj[1:, 1:]
-    )  # (T-1, T-1): (g_1 - g_i) . (u_1 - u_j)
-    rest = ops.matmul(g1u[None, :], ops.inv(du))[0]
-    return ops.concatenate([ops.reshape(1.0 - ops.sum(rest), (1,)), rest])
+    block = _present_block(gram, mask, ops.max(ops.diagonal(gram) * mask))
+    x = ops.solve(block, (norms * mask)[:, None])[:, 0]
+    return x / _nonzero(ops.sum(x))
 
 
-def nash_mtl_weights(gram, iterations: int = 30, ridge: float = 1e-6):
+def _present_block(gram, mask, fill):
+    """``gram`` with the rows and columns of absent tasks replaced by
+    ``fill`` times the identity: a block-diagonal matrix whose present block is
+    the present tasks' Gram matrix, so that solvers acting on matrix functions
+    or linear systems treat the present tasks exactly as if alone."""
+    n = _num_tasks(gram)
+    both = mask[:, None] * mask[None, :]
+    fill = ops.where(fill > _TINY, fill, 1.0)
+    return gram * both + ops.eye(n) * ((1.0 - mask) * fill)[:, None]
+
+
+def _nonzero(x):
+    """``x`` with values of magnitude below ``_TINY`` moved to ``+-_TINY``."""
+    return ops.where(ops.abs(x) > _TINY, x, ops.where(x < 0, -_TINY, _TINY))
+
+
+def imtl_l_loss(losses, log_scales, present=None):
+    """IMTL-L, the loss-scale half of IMTL (Liu et al. 2021, Sec. 3.2).
+
+    Each task loss becomes ``exp(s_i) L_i - s_i`` with a learnable ``s_i``. Its
+    gradient in ``s_i``, ``exp(s_i) L_i - 1``, vanishes at ``exp(s_i) L_i = 1``:
+    every scaled loss is driven to 1, the same for every task.
+
+    Parameters
+    ----------
+    losses:
+        ``(T,)`` task losses.
+    log_scales:
+        ``(T,)`` learnable ``s_i``.
+    present:
+        Optional ``(T,)`` mask; an absent task adds no term.
+
+    Returns
+    -------
+    ``(total, weights)``: the scalar objective and the ``(T,)`` loss weights
+    ``exp(s_i)`` (0 for absent tasks).
+    """
+    losses = _as_float(losses)
+    n = _num_tasks(losses)
+    s = _check_vector(log_scales, n, "log_scales")
+    mask = _mask(present, n)
+    weights = ops.exp(s) * mask
+    return ops.sum(weights * losses - s * mask), weights
+
+
+def nash_mtl_weights(gram, iterations: int = 30, ridge: float = 1e-6, present=None):
     """Nash bargaining weights (Nash-MTL; Navon et al. 2022).
 
     The bargaining solution is the ``a > 0`` with ``(G G^T a)_i = 1 / a_i``. With
@@ -584,6 +735,9 @@ def nash_mtl_weights(gram, iterations: int = 30, ridge: float = 1e-6):
     gram:
         ``(T, T)`` Gram matrix. ``ridge`` is added to the diagonal of ``C`` so that
         linearly dependent gradients still give finite weights.
+    present:
+        Optional ``(T,)`` mask: the bargaining solution of the present tasks
+        alone, 0 for the others.
 
     Returns
     -------
@@ -591,8 +745,10 @@ def nash_mtl_weights(gram, iterations: int = 30, ridge: float = 1e-6):
     """
     gram = _check_gram(gram)
     n = _num_tasks(gram)
+    mask = _mask(present, n)
     norms = ops.sqrt(ops.maximum(ops.diagonal(gram), _TINY))
-    cos = gram / (norms[:, None] * norms[None, :]) + ridge * ops.eye(n)
+    cos = gram / (norms[:, None] * norms[None, :])
+    cos = _present_block(cos, mask, ops.ones(())) + ridge * ops.eye(n)
     b0 = ops.ones((n,), "float32")
 
     def body(_, b):
@@ -602,10 +758,12 @@ def nash_mtl_weights(gram, iterations: int = 30, ridge: float = 1e-6):
         decrement = ops.sqrt(ops.maximum(-ops.sum(grad * delta), 0.0))
         return b + delta / (1.0 + decrement)
 
-    return ops.fori_loop(0, iterations, body, b0) / norms
+    return ops.fori_loop(0, iterations, body, b0) / norms * mask
 
 
-def aligned_mtl_coefficients(gram, weights=None, rank_tolerance: float = 1e-6):
+def aligned_mtl_coefficients(
+    gram, weights=None, rank_tolerance: float = 1e-6, present=None
+):
     """Aligned-MTL (Senushkin et al. 2023) as coefficients on the rows of ``G``.
 
     With ``G G^T = V diag(lambda) V^T``, the aligned gradients
@@ -621,6 +779,11 @@ def aligned_mtl_coefficients(gram, weights=None, rank_tolerance: float = 1e-6):
     weights:
         ``(T,)`` task pre-weights; default ones (for already orthogonal,
         equal-norm gradients the update is then the plain sum).
+    present:
+        Optional ``(T,)`` mask: the coefficients of the present tasks alone, 0
+        for the others. (The absent tasks' block is filled with the present
+        block's largest eigenvalue, which moves neither ``lambda_max`` nor
+        ``lambda_min``.)
 
     Returns
     -------
@@ -631,6 +794,10 @@ def aligned_mtl_coefficients(gram, weights=None, rank_tolerance: float = 1e-6):
     if weights is None:
         weights = ops.ones((n,), "float32")
     weights = _check_vector(weights, n, "weights")
+    mask = _mask(present, n)
+    if present is not None:
+        top = ops.max(ops.eigh(gram * mask[:, None] * mask[None, :])[0])
+        gram = _present_block(gram, mask, top)
     lam, vec = ops.eigh(gram)
     keep = lam > rank_tolerance * ops.maximum(ops.max(lam), _TINY)
     lam_min = ops.min(ops.where(keep, lam, ops.max(lam)))
@@ -638,7 +805,7 @@ def aligned_mtl_coefficients(gram, weights=None, rank_tolerance: float = 1e-6):
     b = ops.sqrt(ops.maximum(lam_min, 0.0)) * ops.matmul(
         vec * inv_sqrt[None, :], ops.transpose(vec)
     )
-    return ops.matmul(b, weights)  # B symmetric: (w @ B G) = (B w) @ G
+    return ops.matmul(b, weights * mask)  # B symmetric: (w @ B G) = (B w) @ G
 
 
 # ----------------------------------------------------- pure cores: loss-based methods
@@ -668,7 +835,7 @@ def uncertainty_weighted_loss(losses, log_variances, classification=None, presen
     Returns
     -------
     ``(total, weights)``: the scalar objective and the ``(T,)`` effective weights
-    on the losses (``0.5 exp(-s)`` or ``exp(-s)``).
+    on the losses (``0.5 exp(-s)`` or ``exp(-s)``; 0 for absent tasks).
     """
     losses = _as_float(losses)
     n = _num_tasks(losses)
@@ -678,36 +845,52 @@ def uncertainty_weighted_loss(losses, log_variances, classification=None, presen
         cls = ops.cast(ops.convert_to_tensor(classification), "float32")
         cls = _check_vector(cls, n, "classification")
         factor = ops.where(cls > 0, 1.0, 0.5)
-    weights = factor * ops.exp(-s)
-    mask = ops.ones((n,)) if present is None else _as_float(present)
-    total = ops.sum(mask * (weights * losses + 0.5 * s))
+    mask = _mask(present, n)
+    weights = factor * ops.exp(-s) * mask
+    total = ops.sum(weights * losses + 0.5 * s * mask)
     return total, weights
 
 
-def dwa_weights(previous, before_previous, temperature: float = 2.0):
+def dwa_weights(previous, before_previous, temperature: float = 2.0, present=None):
     """Dynamic weight average (Liu, Johns and Davison 2019, Eq. 7).
 
-    ``w_i = T exp(r_i / temperature) / sum_j exp(r_j / temperature)`` with the
-    relative descending rate ``r_i = L_i(t-1) / L_i(t-2)`` of the epoch-averaged
-    losses.
+    ``w_i = K exp(r_i / temperature) / sum_j exp(r_j / temperature)`` over the
+    ``K`` present tasks, with the relative descending rate
+    ``r_i = L_i(t-1) / L_i(t-2)`` of the epoch-averaged losses.
+
+    A task without labels in one of the two epochs (epoch loss 0) has no rate;
+    it gets the neutral rate 1 (loss unchanged), as every task has while DWA's
+    first two epochs give weights 1.
 
     Parameters
     ----------
     previous, before_previous:
         ``(T,)`` epoch-averaged losses of the last two epochs.
+    present:
+        Optional ``(T,)`` mask of tasks with labels in the batch; absent tasks
+        get weight 0 and the present ones DWA's weights among themselves.
 
     Returns
     -------
-    ``(T,)`` weights summing to ``T``.
+    ``(T,)`` weights summing to the number of present tasks.
     """
     previous = _as_float(previous)
     n = _num_tasks(previous)
     before_previous = _check_vector(before_previous, n, "before_previous")
-    r = previous / ops.maximum(before_previous, _TINY)
-    return n * ops.softmax(r / temperature)
+    mask = _mask(present, n)
+    known = ops.logical_and(previous > 0, before_previous > 0)
+    r = ops.where(known, previous / ops.maximum(before_previous, _TINY), 1.0)
+    return _masked_softmax(r / temperature, mask) * ops.sum(mask)
 
 
-def random_loss_weights(num_tasks: int, seed=None):
+def _masked_softmax(logits, mask):
+    """Softmax over the entries where ``mask`` is 1; 0 elsewhere."""
+    logits = ops.where(mask > 0, logits, ops.min(logits))
+    e = ops.where(mask > 0, ops.exp(logits - ops.max(logits)), 0.0)
+    return e / ops.maximum(ops.sum(e), _TINY)
+
+
+def random_loss_weights(num_tasks: int, seed=None, present=None):
     """Random loss weights (RLW; Lin et al. 2021): ``softmax(z)``, ``z ~ N(0, I)``.
 
     Parameters
@@ -716,15 +899,21 @@ def random_loss_weights(num_tasks: int, seed=None):
         ``T``.
     seed:
         Integer or :class:`keras.random.SeedGenerator`.
+    present:
+        Optional ``(T,)`` mask: the softmax runs over the present tasks' draws
+        only (absent tasks get 0).
 
     Returns
     -------
     ``(T,)`` weights summing to one.
     """
-    return ops.softmax(keras.random.normal((num_tasks,), seed=seed))
+    z = keras.random.normal((num_tasks,), seed=seed)
+    return _masked_softmax(z, _mask(present, num_tasks))
 
 
-def gradnorm_weight_gradient(weights, grad_norms, losses, initial_losses, alpha):
+def gradnorm_weight_gradient(
+    weights, grad_norms, losses, initial_losses, alpha, present=None
+):
     """Gradient of the GradNorm loss with respect to the task weights.
 
     GradNorm (Chen et al. 2018) measures ``G_i = w_i ||grad_W L_i||`` at the last
@@ -739,6 +928,9 @@ def gradnorm_weight_gradient(weights, grad_norms, losses, initial_losses, alpha)
         ``(T,)`` vectors: ``w``, ``||grad_W L_i||``, ``L_i(t)``, ``L_i(0)``.
     alpha:
         Asymmetry: larger values pull training rates together harder.
+    present:
+        Optional ``(T,)`` mask: the means run over the present tasks, and
+        absent tasks get gradient 0 and add nothing to ``L_grad``.
 
     Returns
     -------
@@ -749,28 +941,14 @@ def gradnorm_weight_gradient(weights, grad_norms, losses, initial_losses, alpha)
     grad_norms = _check_vector(grad_norms, n, "grad_norms")
     losses = _check_vector(losses, n, "losses")
     initial_losses = _check_vector(initial_losses, n, "initial_losses")
+    mask = _mask(present, n)
+    count = ops.maximum(ops.sum(mask), 1.0)
     g = weights * grad_norms
-    ratio = losses / ops.maximum(initial_losses, _TINY)
-    r = ratio / ops.maximum(ops.mean(ratio), _TINY)
-    target = ops.mean(g) * ops.power(r, alpha)
-    return ops.sign(g - target) * grad_norms, ops.sum(ops.abs(g - target))
-
-
-def _fill_absent(gram, present):
-    """Replace rows of absent tasks by a large gradient orthogonal to the others.
-
-    A task without labels in the batch has a zero gradient row. Min-norm style
-    solvers would put all weight on it; a large orthogonal stand-in instead gets
-    (nearly) zero weight and leaves the present tasks' solution unchanged up to
-    scale. Its coefficient multiplies a zero row, so it never moves parameters.
-    """
-    if present is None:
-        return gram
-    mask = _as_float(present)
-    n = _num_tasks(gram)
-    both = mask[:, None] * mask[None, :]
-    big = 1e3 * ops.maximum(ops.max(ops.diagonal(gram) * mask), _TINY)
-    return gram * both + ops.eye(n) * (1.0 - mask)[:, None] * big
+    ratio = losses / ops.maximum(initial_losses, _TINY) * mask
+    r = ratio / ops.maximum(ops.sum(ratio) / count, _TINY)
+    target = ops.sum(g * mask) / count * ops.power(r, alpha)
+    gap = (g - target) * mask
+    return ops.sign(gap) * grad_norms, ops.sum(ops.abs(gap))
 
 
 def _num_replicas() -> int:
@@ -993,7 +1171,8 @@ class EqualWeighting(Weighting):
 
     def combine_losses(self, losses, present=None):
         losses = self.check_losses(losses)
-        return ops.sum(losses), ops.ones_like(losses)
+        w = _mask(present, self.num_tasks)
+        return ops.sum(w * losses), w
 
 
 class StaticWeighting(Weighting):
@@ -1030,7 +1209,7 @@ class StaticWeighting(Weighting):
 
     def combine_losses(self, losses, present=None):
         losses = self.check_losses(losses)
-        w = ops.convert_to_tensor(self._weights)
+        w = ops.convert_to_tensor(self._weights) * _mask(present, self.num_tasks)
         return ops.sum(w * losses), w
 
 
@@ -1131,6 +1310,8 @@ class DynamicWeightAverage(Weighting):
     Weights are 1 during the first two epochs; afterwards
     :func:`dwa_weights` of the two previous epochs' average (unweighted) task
     losses, read from the training logs (``<task>_loss``) at each epoch end.
+    In a batch without labels for a task, that task gets weight 0 and the
+    present ones DWA's weights among themselves (summing to their number).
 
     Parameters
     ----------
@@ -1157,7 +1338,11 @@ class DynamicWeightAverage(Weighting):
 
     def combine_losses(self, losses, present=None):
         losses = self.check_losses(losses)
-        w = ops.copy(self.weights)
+        # DWA's weights are a softmax times the number of tasks: restricted to
+        # the present tasks, the same softmax over them alone.
+        mask = _mask(present, self.num_tasks)
+        w = ops.copy(self.weights) * mask
+        w = w * ops.sum(mask) / ops.maximum(ops.sum(w), _TINY)
         return ops.sum(w * losses), w
 
     def record_epoch(self, epoch_losses: Sequence[float]) -> None:
@@ -1204,7 +1389,7 @@ class RandomLossWeighting(Weighting):
 
     def combine_losses(self, losses, present=None):
         losses = self.check_losses(losses)
-        w = random_loss_weights(self.num_tasks, seed=self.seed_generator)
+        w = random_loss_weights(self.num_tasks, self.seed_generator, present)
         return ops.sum(w * losses), w
 
 
@@ -1215,6 +1400,12 @@ class GradNorm(Weighting):
     :func:`gradnorm_weight_gradient`, measured at the last shared layer, then
     renormalised to sum to ``T``. The network is trained on ``sum_i w_i L_i``
     with the weights of the current step.
+
+    Partial labels: a task's initial loss ``L_i(0)`` is its loss in the first
+    batch that has labels for it (``initialised`` records which tasks have
+    one). In a batch without labels for a task, that task gets coefficient 0,
+    its weight is left as it is, and the present tasks are updated as GradNorm
+    of those tasks alone (their weights keep their sum).
 
     Parameters
     ----------
@@ -1241,7 +1432,7 @@ class GradNorm(Weighting):
         self.initial_losses = _state_variable(
             np.zeros((n,), "float32"), "initial_losses"
         )
-        self.step = _state_variable(np.array(0, "int32"), "step")
+        self.initialised = _state_variable(np.zeros((n,), "float32"), "initialised")
 
     @property
     def trainable_variables(self) -> list:
@@ -1252,20 +1443,24 @@ class GradNorm(Weighting):
     ) -> Combination:
         losses = self.check_losses(losses)
         gram = _check_gram(gram)
+        mask = _mask(present, self.num_tasks)
         # Read the state now: a converted variable is read lazily, which would see
         # the assignments below.
         w = ops.copy(self.weights)
-        first = ops.equal(ops.copy(self.step), 0)
-        initial = ops.where(first, losses, ops.copy(self.initial_losses))
+        new = mask * (1.0 - ops.copy(self.initialised))
+        initial = ops.where(new > 0, losses, ops.copy(self.initial_losses))
         self.initial_losses.assign(initial)
-        self.step.assign_add(1)
+        self.initialised.assign(ops.maximum(ops.copy(self.initialised), mask))
         norms = ops.sqrt(ops.maximum(ops.diagonal(gram), 0.0))
-        grad, _ = gradnorm_weight_gradient(w, norms, losses, initial, self.alpha)
+        grad, _ = gradnorm_weight_gradient(w, norms, losses, initial, self.alpha, mask)
         # Every replica computes the same gradient and the optimizer sums them.
         self.apply_gradients([grad / _num_replicas()])
-        new_w = ops.maximum(ops.copy(self.weights), 1e-6)
-        self.weights.assign(new_w * (self.num_tasks / ops.sum(new_w)))
-        return Combination(shared=w, heads=w)
+        stepped = ops.maximum(ops.copy(self.weights), 1e-6)
+        # Renormalise the present tasks' weights to their sum before the step
+        # (``T`` when every task is present); absent tasks keep theirs.
+        total = ops.sum(w * mask) / ops.maximum(ops.sum(stepped * mask), _TINY)
+        self.weights.assign(ops.where(mask > 0, stepped * total, w))
+        return Combination(shared=w * mask, heads=w * mask)
 
 
 class PCGrad(Weighting):
@@ -1298,8 +1493,9 @@ class PCGrad(Weighting):
         n = self.num_tasks
         keys = keras.random.uniform((n, n), seed=self.seed_generator)
         order = ops.argsort(keys, axis=-1)
-        coef = pcgrad_coefficients(gram, order)
-        return Combination(shared=coef, heads=ops.ones((n,), "float32"))
+        mask = _mask(present, n)
+        coef = pcgrad_coefficients(gram, order) * mask
+        return Combination(shared=coef, heads=mask)
 
 
 class MGDA(Weighting):
@@ -1313,63 +1509,88 @@ class MGDA(Weighting):
         representation ``z`` (the encoder output), an upper bound that needs no
         per-task backward pass through the encoder.
     normalization:
-        Gradient normalisation before solving, as in the authors' code:
-        ``"none"``, ``"l2"`` (``g / ||g||``), ``"loss"`` (``g / L``) or
-        ``"loss+"`` (``g / (L ||g||)``). Weights are applied to the raw losses.
+        Gradient normaliser ``n_i`` applied before solving, as in the authors'
+        ``gradient_normalizers``: ``"none"`` (1), ``"l2"`` (``||g_i||``),
+        ``"loss"`` (``L_i``) or ``"loss+"`` (``L_i ||g_i||``). The min-norm
+        weights ``a`` are those of the normalised gradients ``g_i / n_i``.
+    weights_on:
+        What the weights ``a`` multiply. ``"losses"`` (default; Sener and
+        Koltun's code): the network is trained on ``sum_i a_i L_i``, so the
+        shared update is ``sum_i a_i g_i`` and head ``i`` gets ``a_i`` times its
+        gradient. ``"normalized_gradients"`` (LibMTL's ``MGDA``): the shared
+        update is ``sum_i a_i g_i / n_i`` and every head its own gradient. The
+        two agree for ``normalization="none"`` except for the heads.
     update_every:
         Full MGDA only: recompute the weights every this many steps (see
         :class:`Weighting`); default 1.
 
-    The shared update and every head use the MGDA weights (the authors' code
-    back-propagates ``sum_i a_i L_i``).
+    Tasks without labels in the batch get weight 0; the others get the
+    min-norm weights of the present tasks alone.
     """
+
+    normalizations = ("none", "l2", "loss", "loss+")
 
     def __init__(
         self,
         upper_bound: bool = False,
         normalization: str = "none",
         update_every: int = 1,
+        weights_on: str = "losses",
     ):
         super().__init__(update_every=update_every)
-        if normalization not in ("none", "l2", "loss", "loss+"):
+        if normalization not in self.normalizations:
             raise ValueError(
                 "normalization must be 'none', 'l2', 'loss' or 'loss+'; got "
                 f"{normalization!r}"
             )
+        if weights_on not in ("losses", "normalized_gradients"):
+            raise ValueError(
+                "weights_on must be 'losses' (Sener and Koltun) or "
+                f"'normalized_gradients' (LibMTL); got {weights_on!r}"
+            )
         self.upper_bound = bool(upper_bound)
         self.normalization = normalization
+        self.weights_on = weights_on
         self.mode = "representation" if upper_bound else "shared_parameters"
+
+    def normalizers(self, gram, losses, present=None):
+        """``(T,)`` normalisers ``n_i`` (1 for absent tasks)."""
+        mask = _mask(present, self.num_tasks)
+        norms = ops.sqrt(ops.maximum(ops.diagonal(_check_gram(gram)), 0.0))
+        losses = self.check_losses(losses)
+        d = {
+            "none": ops.ones_like(norms),
+            "l2": norms,
+            "loss": losses,
+            "loss+": losses * norms,
+        }[self.normalization]
+        return ops.where(mask > 0, ops.maximum(d, _TINY), 1.0)
 
     def combine_gradients(
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
-        losses = self.check_losses(losses)
         gram = _check_gram(gram)
-        norms = ops.sqrt(ops.maximum(ops.diagonal(gram), _TINY))
-        if self.normalization == "l2":
-            d = norms
-        elif self.normalization == "loss":
-            d = ops.maximum(losses, _TINY)
-        elif self.normalization == "loss+":
-            d = ops.maximum(losses, _TINY) * norms
-        else:
-            d = ops.ones_like(norms)
-        scaled = _fill_absent(gram / (d[:, None] * d[None, :]), present)
-        w = _zero_absent(mgda_weights_from_gram(scaled) / d, present)
-        return Combination(shared=w, heads=w)
+        mask = _mask(present, self.num_tasks)
+        d = self.normalizers(gram, losses, mask)
+        scaled = gram / (d[:, None] * d[None, :])
+        w = mgda_weights_from_gram(scaled, present=mask)
+        if self.weights_on == "losses":
+            return Combination(shared=w, heads=w)
+        return Combination(shared=w / d, heads=mask)
 
     def __repr__(self) -> str:
         return (
             f"MGDA(upper_bound={self.upper_bound}, "
-            f"normalization={self.normalization!r})"
+            f"normalization={self.normalization!r}, weights_on={self.weights_on!r})"
         )
 
 
 class CAGrad(Weighting):
     """Conflict-averse gradient descent (Liu et al. 2021); see :func:`cagrad`.
 
-    The shared update is ``T * cagrad(G, c)``, so that ``c = 0`` equals equal
-    weighting (the gradient of the summed loss); heads get their own gradients.
+    The shared update is ``K * cagrad(G, c)`` over the ``K`` tasks with labels
+    in the batch, so that ``c = 0`` equals equal weighting (the gradient of the
+    summed loss); heads get their own gradients. Absent tasks get coefficient 0.
 
     Parameters
     ----------
@@ -1378,7 +1599,8 @@ class CAGrad(Weighting):
     rescale:
         Divide by ``1 + c^2`` as the authors' code does.
     iterations:
-        Solver steps for more than two tasks (:func:`cagrad_coefficients`).
+        Solver steps beyond :data:`CAGRAD_EXACT_MAX_TASKS` tasks
+        (:func:`cagrad_coefficients`).
     update_every:
         Recompute the combination every this many steps (see
         :class:`Weighting`); default 1.
@@ -1403,9 +1625,11 @@ class CAGrad(Weighting):
     def combine_gradients(
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
-        coef = cagrad_coefficients(gram, self.c, self.rescale, self.iterations)
-        n = self.num_tasks
-        return Combination(shared=n * coef, heads=ops.ones((n,), "float32"))
+        mask = _mask(present, self.num_tasks)
+        coef = cagrad_coefficients(
+            gram, self.c, self.rescale, self.iterations, present=mask
+        )
+        return Combination(shared=ops.sum(mask) * coef, heads=mask)
 
     def __repr__(self) -> str:
         return f"CAGrad(c={self.c})"
@@ -1413,7 +1637,8 @@ class CAGrad(Weighting):
 
 class _GramSolver(Weighting):
     """Strategies whose shared coefficients are a function of the Gram matrix
-    alone (``solve``), computed over the tasks present in the batch.
+    of the tasks present in the batch (``solve(gram, present)``); absent tasks
+    get coefficient 0.
 
     ``heads_follow``: the heads are trained with the same coefficients (the
     network minimises ``sum_i a_i L_i``), else each with its own gradient.
@@ -1422,43 +1647,154 @@ class _GramSolver(Weighting):
     mode = "shared_parameters"
     heads_follow = False
 
-    def __init__(self, update_every: int = 1):
-        super().__init__(update_every=update_every)
+    def __init__(
+        self,
+        update_every: int = 1,
+        optimizer: keras.optimizers.Optimizer | None = None,
+    ):
+        super().__init__(optimizer, update_every=update_every)
 
-    @staticmethod
-    def solve(gram):
+    def solve(self, gram, present):
         raise NotImplementedError
 
     def combine_gradients(
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
-        coef = _zero_absent(
-            self.solve(_fill_absent(_check_gram(gram), present)), present
-        )
-        heads = coef if self.heads_follow else ops.ones((self.num_tasks,), "float32")
-        return Combination(shared=coef, heads=heads)
+        mask = _mask(present, self.num_tasks)
+        coef = self.solve(_check_gram(gram), mask)
+        return Combination(shared=coef, heads=coef if self.heads_follow else mask)
 
 
 class IMTL(_GramSolver):
-    """Impartial MTL, gradient part IMTL-G (Liu et al. 2021); see
-    :func:`imtl_weights`. Heads get their own gradients."""
+    """Impartial MTL (Liu et al. 2021); see :func:`imtl_weights`.
 
-    solve = staticmethod(imtl_weights)
+    Parameters
+    ----------
+    loss_scale:
+        ``False`` (default): IMTL-G, the shared update ``a @ G`` with equal
+        projections on every task's direction; heads get their own gradients.
+        ``True``: the paper's hybrid IMTL. Every loss is scaled as in IMTL-L
+        (:func:`imtl_l_loss`: ``exp(s_i) L_i - s_i``, ``s`` learnt), the heads
+        are trained on the scaled losses and IMTL-G combines the scaled
+        gradients ``exp(s_i) g_i``. (IMTL-L alone is :class:`IMTLL`.)
+    optimizer:
+        Trains ``s`` (``loss_scale=True``); default a copy of the model's.
+    update_every:
+        See :class:`Weighting`.
+    """
+
+    def __init__(
+        self,
+        loss_scale: bool = False,
+        optimizer: keras.optimizers.Optimizer | None = None,
+        update_every: int = 1,
+    ):
+        super().__init__(update_every, optimizer)
+        self.loss_scale = bool(loss_scale)
+        self.log_scales = None
+
+    def create_state(self) -> None:
+        if self.loss_scale:
+            self.log_scales = keras.Variable(
+                np.zeros((self.num_tasks,), "float32"),
+                trainable=True,
+                name="imtl_log_scales",
+            )
+
+    @property
+    def trainable_variables(self) -> list:
+        return [] if self.log_scales is None else [self.log_scales]
+
+    def solve(self, gram, present):
+        return imtl_weights(gram, present)
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        if not self.loss_scale:
+            return super().combine_gradients(gram, losses, gradients, present)
+        losses = self.check_losses(losses)
+        mask = _mask(present, self.num_tasks)
+        scale = ops.exp(ops.copy(self.log_scales)) * mask
+        # d/ds of exp(s) L - s; every replica computes the same gradient.
+        self.apply_gradients([(scale * losses - mask) / _num_replicas()])
+        gram = _check_gram(gram) * scale[:, None] * scale[None, :]
+        return Combination(shared=imtl_weights(gram, mask) * scale, heads=scale)
+
+    def __repr__(self) -> str:
+        return f"IMTL(loss_scale={self.loss_scale})"
+
+
+class IMTLL(Weighting):
+    """IMTL-L alone (Liu et al. 2021): every task loss scaled to
+    ``exp(s_i) L_i - s_i`` with learnt ``s``; see :func:`imtl_l_loss`.
+
+    Parameters
+    ----------
+    optimizer:
+        Trains ``s``; default a copy of the model's optimizer.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer | None = None):
+        super().__init__(optimizer)
+        self.log_scales = None
+
+    def create_state(self) -> None:
+        self.log_scales = keras.Variable(
+            np.zeros((self.num_tasks,), "float32"),
+            trainable=True,
+            name="imtl_log_scales",
+        )
+
+    @property
+    def trainable_variables(self) -> list:
+        return [] if self.log_scales is None else [self.log_scales]
+
+    def combine_losses(self, losses, present=None):
+        losses = self.check_losses(losses)
+        return imtl_l_loss(losses, self.log_scales, present)
 
 
 class NashMTL(_GramSolver):
     """Nash bargaining (Navon et al. 2022); see :func:`nash_mtl_weights`.
-    The network is trained on ``sum_i a_i L_i``."""
 
-    solve = staticmethod(nash_mtl_weights)
+    The network is trained on ``sum_i a_i L_i``, and the shared update is
+    clipped to norm ``max_norm`` as both references do (``clip_grad_norm_`` on
+    the shared parameters, default 1.0; 0 or ``None`` turns it off). With
+    ``update_every > 1`` the clipped coefficients are reused until the next
+    recomputation.
+    """
+
     heads_follow = True
+
+    def __init__(self, max_norm: float | None = 1.0, update_every: int = 1):
+        super().__init__(update_every)
+        self.max_norm = float(max_norm or 0.0)
+
+    def solve(self, gram, present):
+        return nash_mtl_weights(gram, present=present)
+
+    def combine_gradients(
+        self, gram, losses, gradients=None, present=None
+    ) -> Combination:
+        combo = super().combine_gradients(gram, losses, gradients, present)
+        if self.max_norm <= 0:
+            return combo
+        a = combo.shared
+        norm = ops.sqrt(ops.maximum(ops.sum(a * ops.matmul(_as_float(gram), a)), 0.0))
+        clip = ops.minimum(1.0, self.max_norm / ops.maximum(norm, _TINY))
+        return Combination(shared=a * clip, heads=combo.heads)
+
+    def __repr__(self) -> str:
+        return f"NashMTL(max_norm={self.max_norm})"
 
 
 class AlignedMTL(_GramSolver):
     """Aligned-MTL (Senushkin et al. 2023); see :func:`aligned_mtl_coefficients`.
     Heads get their own gradients."""
 
-    solve = staticmethod(aligned_mtl_coefficients)
+    def solve(self, gram, present):
+        return aligned_mtl_coefficients(gram, present=present)
 
 
 _BY_NAME = {
@@ -1472,6 +1808,8 @@ _BY_NAME = {
     "mgda_ub": lambda: MGDA(upper_bound=True),
     "cagrad": CAGrad,
     "imtl": IMTL,
+    "imtl_l": IMTLL,
+    "imtl_hybrid": lambda: IMTL(loss_scale=True),
     "nash_mtl": NashMTL,
     "aligned_mtl": AlignedMTL,
 }

@@ -497,11 +497,11 @@ def test_pareto_check_rejects_where_the_summed_gradient_gets_stuck(cagrad_grid_l
 
 
 def test_state_variables_are_every_keras_variable_a_resume_needs():
-    """GradNorm: its weights, first losses and step counter plus every variable of
-    its optimizer (Keras' own list); PCGrad: the state of its seed generator."""
+    """GradNorm: its weights, first losses and which tasks have one, plus every
+    variable of its optimizer (Keras' own list); PCGrad: its seed generator's."""
     gradnorm = W.GradNorm(optimizer=keras.optimizers.Adam(1e-2))
     gradnorm.build(["a", "b"])
-    expected = [gradnorm.weights, gradnorm.initial_losses, gradnorm.step]
+    expected = [gradnorm.weights, gradnorm.initial_losses, gradnorm.initialised]
     expected += list(gradnorm.optimizer.variables)
     assert [id(v) for v in gradnorm.state_variables()] == [id(v) for v in expected]
     pcgrad = W.PCGrad(seed=3)
@@ -509,3 +509,307 @@ def test_state_variables_are_every_keras_variable_a_resume_needs():
     assert [id(v) for v in pcgrad.state_variables()] == [
         id(pcgrad.seed_generator.state)
     ]
+
+
+# ---------------------------------------------------- absent tasks (partial labels)
+
+NAMES = ["a", "b", "c", "d"]
+ABSENT = 2  # task "c" has no labels in the batch
+PRESENT = np.array([1.0, 1.0, 0.0, 1.0], "float32")
+KEEP = [0, 1, 3]
+
+
+def _sgd():
+    return keras.optimizers.SGD(0.1)
+
+
+def _strategies_with_state():
+    """Strategies (factories) and how to give both copies the same state."""
+
+    def uncertainty(strategy, keep):
+        strategy.log_variance.assign(np.array([0.3, -0.2, 0.1, 0.5])[keep])
+
+    def dwa(strategy, keep):
+        strategy.record_epoch(np.array([1.0, 4.0, 2.0, 0.5])[keep])
+        strategy.record_epoch(np.array([0.6, 3.9, 1.0, 0.4])[keep])
+
+    def gradnorm(strategy, keep):
+        strategy.weights.assign(np.array([0.7, 1.4, 1.2, 0.7])[keep])
+
+    def imtl_l(strategy, keep):
+        strategy.log_scales.assign(np.array([0.2, -0.4, 0.3, 0.1])[keep])
+
+    return {
+        "equal": (W.EqualWeighting, None),
+        "static": (lambda: W.StaticWeighting([2.0, 0.5, 3.0, 1.5]), "static"),
+        "uncertainty": (
+            lambda: W.UncertaintyWeighting(optimizer=_sgd()),
+            uncertainty,
+        ),
+        "dwa": (W.DynamicWeightAverage, dwa),
+        "imtl_l": (lambda: W.IMTLL(optimizer=_sgd()), imtl_l),
+        "gradnorm": (lambda: W.GradNorm(optimizer=_sgd()), gradnorm),
+        "mgda": (W.MGDA, None),
+        "mgda_l2": (lambda: W.MGDA(normalization="l2"), None),
+        "mgda_loss+_libmtl": (
+            lambda: W.MGDA(normalization="loss+", weights_on="normalized_gradients"),
+            None,
+        ),
+        "cagrad": (W.CAGrad, None),
+        "imtl": (W.IMTL, None),
+        "imtl_hybrid": (lambda: W.IMTL(loss_scale=True, optimizer=_sgd()), imtl_l),
+        "nash_mtl": (W.NashMTL, None),
+        "aligned_mtl": (W.AlignedMTL, None),
+    }
+
+
+def _batch_without_task_c():
+    G = RNG.normal(size=(4, 12)) * np.array([[0.5], [2.0], [1.0], [8.0]])
+    G[ABSENT] = 0.0  # no labels: zero loss and zero gradient
+    losses = np.array([0.8, 2.5, 0.0, 0.3])
+    return G.astype("float32"), losses.astype("float32")
+
+
+def _build(factory, setup, keep):
+    strategy = factory()
+    if setup == "static":  # the weights given in task order
+        spec = strategy.spec
+        strategy = W.StaticWeighting([spec[k] for k in keep])
+    strategy.build([NAMES[k] for k in keep])
+    if callable(setup):
+        setup(strategy, keep)
+    return strategy
+
+
+def _step(strategy, G, losses, present):
+    if strategy.mode == "losses":
+        total, weights = strategy.combine_losses(losses, present)
+        return {"total": total, "weights": weights}
+    gram = G @ G.T
+    combo = strategy.combine_gradients(gram, losses, G, present)
+    return {"shared": combo.shared, "heads": combo.heads}
+
+
+@pytest.mark.parametrize("name", sorted(_strategies_with_state()))
+def test_absent_task_gets_zero_and_the_rest_equals_the_present_tasks_alone(name):
+    factory, setup = _strategies_with_state()[name]
+    G, losses = _batch_without_task_c()
+    full = _build(factory, setup, list(range(4)))
+    alone = _build(factory, setup, KEEP)
+    got = _step(full, G, losses, PRESENT)
+    want = _step(alone, G[KEEP], losses[KEEP], None)
+    for key, value in got.items():
+        value = _np(value)
+        if key == "total":
+            np.testing.assert_allclose(value, _np(want[key]), rtol=1e-5)
+            continue
+        assert value[ABSENT] == 0.0, (key, value)
+        np.testing.assert_allclose(
+            value[KEEP], _np(want[key]), rtol=2e-4, atol=1e-6, err_msg=key
+        )
+    # Learnt state moves as for the present tasks alone; the absent task's stays.
+    for v_full, v_alone in zip(
+        full.trainable_variables, alone.trainable_variables, strict=True
+    ):
+        np.testing.assert_allclose(
+            v_full.numpy()[KEEP], v_alone.numpy(), rtol=1e-5, atol=1e-7
+        )
+    if name == "gradnorm":
+        assert full.weights.numpy()[ABSENT] == np.float32(1.2)
+
+
+def test_pcgrad_with_an_absent_task_equals_pcgrad_of_the_present_tasks():
+    # Two present tasks: PCGrad does not depend on the random visiting order.
+    G, losses = _batch_without_task_c()
+    G, losses, present = G[:3], losses[:3], PRESENT[:3].copy()
+    present[1], present[2] = 0.0, 1.0
+    G[1], G[2] = 0.0, -G[0] + 0.3 * G[2]
+    full, alone = W.PCGrad(seed=1), W.PCGrad(seed=2)
+    full.build(["a", "b", "c"])
+    alone.build(["a", "c"])
+    got = _step(full, G, losses, present)
+    want = _step(alone, G[[0, 2]], losses[[0, 2]], None)
+    for key in ("shared", "heads"):
+        value = _np(got[key])
+        assert value[1] == 0.0
+        np.testing.assert_allclose(value[[0, 2]], _np(want[key]), rtol=1e-5)
+
+
+def test_random_loss_weights_of_present_tasks_are_the_softmax_of_their_draws():
+    z = _np(keras.random.normal((4,), seed=keras.random.SeedGenerator(5)))
+    w = _np(W.random_loss_weights(4, keras.random.SeedGenerator(5), PRESENT))
+    expected = np.exp(z[KEEP]) / np.exp(z[KEEP]).sum()
+    assert w[ABSENT] == 0.0
+    np.testing.assert_allclose(w[KEEP], expected, rtol=1e-5)
+
+
+def test_dwa_after_an_epoch_without_labels_gives_that_task_the_neutral_rate():
+    dwa = W.DynamicWeightAverage()
+    dwa.build(["a", "b", "c"])
+    dwa.record_epoch([1.0, 2.0, 0.0])  # task c had no labels this epoch
+    dwa.record_epoch([0.5, 2.2, 1.5])
+    r = np.array([0.5, 1.1, 1.0])  # c: rate 1 (loss unchanged), not 1.5 / 1e-12
+    expected = 3 * np.exp(r / 2) / np.exp(r / 2).sum()
+    np.testing.assert_allclose(dwa.weights.numpy(), expected, rtol=1e-6)
+
+
+def test_aligned_mtl_rank_threshold_does_not_move_with_an_absent_task():
+    # Present gradients with a small but real eigenvalue (1e-5 of the largest):
+    # Aligned-MTL keeps it, with or without another task missing.
+    base = RNG.normal(size=(3, 10))
+    G = np.stack([base[0], base[1], np.zeros(10), base[0] + 0.02 * base[2]])
+    G = G.astype("float32")
+    M = G @ G.T
+    alone = _np(W.aligned_mtl_coefficients(M[np.ix_(KEEP, KEEP)]))
+    got = _np(W.aligned_mtl_coefficients(M, present=PRESENT))
+    lam = np.linalg.eigvalsh(M[np.ix_(KEEP, KEEP)].astype("float64"))
+    assert 1e-6 < lam.min() / lam.max() < 1e-3
+    assert got[ABSENT] == 0.0
+    np.testing.assert_allclose(got[KEEP], alone, rtol=1e-3)
+
+
+# ------------------------------------------------------------- CAGrad exactness
+
+
+def cagrad_scipy_reference(G, c):
+    """CAGrad update from SciPy's SLSQP on the dual (the authors' solver), run
+    from every vertex and the centre, keeping the best; float64."""
+    from scipy.optimize import minimize
+
+    n = len(G)
+    A = G @ G.T
+    A = A / np.mean(np.diag(A))
+    b = np.full(n, 1.0 / n)
+    s = c * np.sqrt(b @ A @ b)
+
+    def dual(w):
+        return w @ A @ b + s * np.sqrt(max(w @ A @ w, 0.0) + 1e-30)
+
+    starts = [b] + [0.9 * np.eye(n)[i] + 0.1 / n for i in range(n)]
+    best = min(
+        (
+            minimize(
+                dual,
+                w0,
+                method="SLSQP",
+                bounds=[(0, 1)] * n,
+                constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+                options={"ftol": 1e-15, "maxiter": 1000},
+            )
+            for w0 in starts
+        ),
+        key=lambda r: r.fun,
+    )
+    gw = best.x @ G
+    g0 = b @ G
+    return g0 + c * np.linalg.norm(g0) / np.linalg.norm(gw) * gw
+
+
+@pytest.mark.parametrize("num_tasks", [3, 4, 5])
+@pytest.mark.parametrize("spread", [1, 10, 100])
+def test_cagrad_direction_equals_scipy_optimum_of_the_dual(num_tasks, spread):
+    rng = np.random.default_rng(num_tasks * 1000 + spread)
+    solve = compiled(W.cagrad, c=0.4, rescale=False)
+    for trial in range(4):
+        scales = np.logspace(0, np.log10(spread), num_tasks)[rng.permutation(num_tasks)]
+        G = rng.normal(size=(num_tasks, 30)) * scales[:, None]
+        if trial % 2:  # a strongly conflicting pair
+            G[1] = scales[1] * (-0.8 * G[0] / scales[0] + 0.3 * rng.normal(size=30))
+        d = _np(solve(G.astype("float32")))
+        ref = cagrad_scipy_reference(G, 0.4)
+        error = np.linalg.norm(d / np.linalg.norm(d) - ref / np.linalg.norm(ref))
+        assert error < 1e-3, (trial, error)
+
+
+# ------------------------------------------------- MGDA, Nash-MTL and IMTL options
+
+
+def mgda_normalizer_reference(G, losses, normalization):
+    """Sener and Koltun's ``gradient_normalizers``."""
+    norms = np.linalg.norm(G, axis=1)
+    return {
+        "none": np.ones(len(G)),
+        "l2": norms,
+        "loss": losses,
+        "loss+": losses * norms,
+    }[normalization]
+
+
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+@pytest.mark.parametrize("weights_on", ["losses", "normalized_gradients"])
+def test_mgda_normalizations_follow_the_authors_and_libmtl(normalization, weights_on):
+    G = (RNG.normal(size=(3, 7)) * np.array([[0.2], [1.0], [6.0]])).astype("float32")
+    losses = np.array([0.4, 2.0, 1.1], "float32")
+    strategy = W.MGDA(normalization=normalization, weights_on=weights_on)
+    strategy.build(["a", "b", "c"])
+    combo = tf.function(strategy.combine_gradients)(G @ G.T, losses)
+    n = mgda_normalizer_reference(G.astype("float64"), losses, normalization)
+    Gn = G / n[:, None]
+    sol = min_norm_reference(Gn @ Gn.T)
+    if weights_on == "losses":  # sum_i sol_i L_i: shared and heads
+        shared, heads = sol, sol
+    else:  # LibMTL: sum_i sol_i g_i / n_i, heads their own gradients
+        shared, heads = sol / n, np.ones(3)
+    np.testing.assert_allclose(_np(combo.shared) @ G, shared @ G, rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(_np(combo.heads), heads, rtol=2e-3, atol=1e-5)
+
+
+def test_nash_mtl_clips_the_shared_update_to_max_norm_like_the_references():
+    G = RNG.normal(size=(3, 8)) * np.array([[0.05], [0.1], [0.2]])
+    M = (G @ G.T).astype("float32")
+    alpha = _np(W.nash_mtl_weights(M))
+    assert W.NashMTL().max_norm == 1.0  # both references' default
+    for max_norm in (0.0, 1.0, 1e-3):
+        strategy = W.NashMTL(max_norm=max_norm)
+        strategy.build(["a", "b", "c"])
+        combo = strategy.combine_gradients(M, np.ones(3))
+        update = alpha @ G
+        norm = np.linalg.norm(update)
+        if max_norm and norm > max_norm:  # torch's clip_grad_norm_
+            update = update * max_norm / norm
+        np.testing.assert_allclose(_np(combo.shared) @ G, update, rtol=1e-4)
+        np.testing.assert_allclose(_np(combo.heads), alpha, rtol=1e-5)
+
+
+def test_imtl_weights_equal_the_papers_closed_form():
+    G = RNG.normal(size=(4, 9)) * np.array([[0.3], [1.0], [2.0], [5.0]])
+    U = G / np.linalg.norm(G, axis=1, keepdims=True)
+    D, Ud = G[0] - G[1:], U[0] - U[1:]
+    rest = G[0] @ Ud.T @ np.linalg.inv(D @ Ud.T)
+    expected = np.concatenate([[1 - rest.sum()], rest])
+    np.testing.assert_allclose(W.imtl_weights(G @ G.T), expected, rtol=1e-3)
+
+
+def test_imtl_l_scale_gradient_is_exp_s_times_loss_minus_one():
+    s = tf.Variable([0.3, -1.0, 0.0])
+    losses = tf.constant([2.0, 0.5, 1.0])
+    with tf.GradientTape() as tape:
+        total, weights = W.imtl_l_loss(losses, s)
+    np.testing.assert_allclose(
+        tape.gradient(total, s), np.exp(s.numpy()) * losses.numpy() - 1, rtol=1e-6
+    )
+    np.testing.assert_allclose(weights, np.exp(s.numpy()), rtol=1e-6)
+    # Stationary where every scaled loss is 1: s = -log L.
+    s.assign(-np.log(losses.numpy()))
+    with tf.GradientTape() as tape:
+        total, _ = W.imtl_l_loss(losses, s)
+    np.testing.assert_allclose(tape.gradient(total, s), 0.0, atol=1e-6)
+
+
+def test_hybrid_imtl_combines_the_scaled_gradients_with_imtl_g():
+    G = RNG.normal(size=(3, 6)).astype("float32")
+    losses = np.array([2.0, 0.5, 1.0], "float32")
+    s0 = np.array([0.2, -0.1, 0.4], "float32")
+    strategy = W.IMTL(loss_scale=True, optimizer=keras.optimizers.SGD(0.5))
+    strategy.build(["a", "b", "c"])
+    strategy.log_scales.assign(s0)
+    combo = strategy.combine_gradients(G @ G.T, losses)
+    scaled = np.exp(s0)[:, None] * G
+    U = scaled / np.linalg.norm(scaled, axis=1, keepdims=True)
+    D, Ud = scaled[0] - scaled[1:], U[0] - U[1:]
+    rest = scaled[0] @ Ud.T @ np.linalg.inv(D @ Ud.T)
+    alpha = np.concatenate([[1 - rest.sum()], rest])
+    np.testing.assert_allclose(_np(combo.shared) @ G, alpha @ scaled, rtol=1e-3)
+    np.testing.assert_allclose(_np(combo.heads), np.exp(s0), rtol=1e-6)
+    expected_s = s0 - 0.5 * (np.exp(s0) * losses - 1)
+    np.testing.assert_allclose(strategy.log_scales.numpy(), expected_s, rtol=1e-5)
