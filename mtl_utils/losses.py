@@ -265,6 +265,13 @@ class MaskedLoss:
         self.__name__ = f"{task.name}_loss"
 
     def __call__(self, y_true, y_pred):
+        channels = _shape(y_pred)[-1] if _shape(y_pred) else None
+        if channels is not None and channels != self.task.channels:
+            raise ValueError(
+                f"task {self.task.name!r} ({self.kind}) has {self.task.channels} "
+                f"channels, but its prediction has shape {_fmt(_shape(y_pred))}; "
+                "the output's last axis must match Task.channels"
+            )
         return self._fn(y_true, y_pred)
 
     def labelled_count(self, y_true):

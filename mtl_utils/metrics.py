@@ -11,6 +11,7 @@ All functions take NumPy arrays (or tensors, converted with ``np.asarray``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -22,6 +23,7 @@ from mtl_utils.tasks import (
     SEGMENTATION_METRICS,
     Task,
 )
+from mtl_utils.validation import check_labels
 
 #: Metric name -> True when higher is better, for every metric this module returns.
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -80,14 +82,38 @@ def scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
     return {"miou": miou, "pixel_acc": float(tp.sum() / total) if total else np.nan}
 
 
+def predicted_labels(target, pred, num_classes: int | None, what: str) -> np.ndarray:
+    """``pred`` as labels: logits (one more axis than ``target``) by ``argmax``.
+
+    Raises
+    ------
+    ValueError
+        If logits are not finite (an argmax of NaN is class 0, a made-up
+        prediction) or have a channel count other than ``num_classes``.
+    """
+    pred = np.asarray(pred)
+    if pred.ndim != np.ndim(target) + 1:
+        return pred
+    if num_classes is not None and pred.shape[-1] != num_classes:
+        raise ValueError(
+            f"{what}: logits have shape {pred.shape} with {pred.shape[-1]} channels; "
+            f"expected one channel per class, {num_classes}"
+        )
+    if np.issubdtype(pred.dtype, np.floating) and not np.isfinite(pred).all():
+        raise ValueError(
+            f"{what}: logits hold {int((~np.isfinite(pred)).sum())} NaN or infinite "
+            "value(s); expected finite logits (the model diverged?)"
+        )
+    return pred.argmax(-1)
+
+
 def segmentation_metrics(target, pred, num_classes: int) -> dict[str, float]:
     """mIoU and pixel accuracy of label maps ``pred`` against ``target`` (-1 ignored).
 
-    ``pred`` may also be logits (B, H, W, C); they are reduced with ``argmax``.
+    ``pred`` may also be logits (B, H, W, C) with C = ``num_classes``; they are
+    reduced with ``argmax``.
     """
-    pred = np.asarray(pred)
-    if pred.ndim == np.ndim(target) + 1:
-        pred = pred.argmax(-1)
+    pred = predicted_labels(target, pred, num_classes, "segmentation")
     return scores_from_confusion(confusion_matrix(target, pred, num_classes))
 
 
@@ -140,13 +166,22 @@ def normal_metrics(target, pred) -> dict[str, float]:
     return angle_summary(normal_angles(target, pred))
 
 
-def classification_metrics(target, pred) -> dict[str, float]:
-    """Accuracy of labels (or logits (B, C)) against ``target`` (B,), -1 ignored."""
-    pred = np.asarray(pred)
+def classification_metrics(
+    target, pred, num_classes: int | None = None
+) -> dict[str, float]:
+    """Accuracy of labels (or logits (B, C)) against ``target`` (B,), -1 ignored.
+
+    Target labels must lie in ``0 .. C - 1`` (or be -1), with C = ``num_classes``
+    or, when not given, the logits' channel count; an out-of-range label is an
+    error, not a wrong prediction.
+    """
     target = np.asarray(target)
-    if pred.ndim == target.ndim + 1:
-        pred = pred.argmax(-1)
+    if num_classes is None and np.ndim(pred) == target.ndim + 1:
+        num_classes = np.shape(pred)[-1]
+    pred = predicted_labels(target, pred, num_classes, "classification")
     _same_shape("classification", target, pred, "(B,) labels or (B, C) logits")
+    if num_classes is not None:
+        check_labels(target, num_classes, "classification target")
     keep = target != -1
     return {"accuracy": _mean((pred[keep] == target[keep]).astype(np.float64))}
 
@@ -167,18 +202,15 @@ class TaskMetrics:
         """Add one batch: ``pred`` is the model's raw output for this task."""
         kind = self.task.kind
         if kind == "segmentation":
-            pred = np.asarray(pred)
-            if pred.ndim == np.ndim(target) + 1:
-                pred = pred.argmax(-1)
+            pred = predicted_labels(target, pred, self.task.channels, self.task.name)
             self._cm += confusion_matrix(target, pred, self.task.channels)
         elif kind == "depth":
             self._parts.append(np.stack(depth_errors(target, pred), -1))
         elif kind == "normal":
             self._parts.append(normal_angles(target, pred))
         else:
-            pred = np.asarray(pred)
-            if pred.ndim == np.ndim(target) + 1:
-                pred = pred.argmax(-1)
+            pred = predicted_labels(target, pred, self.task.channels, self.task.name)
+            check_labels(target, self.task.channels, f"task {self.task.name!r} target")
             keep = np.asarray(target) != -1
             self._parts.append((pred[keep] == np.asarray(target)[keep]).astype(float))
 
@@ -222,6 +254,7 @@ def delta_m(
     baseline: Mapping[str, Mapping[str, float]],
     higher_is_better: Mapping[str, bool] | None = None,
     convention: str = "drop",
+    strict: bool = True,
 ) -> float:
     """Multi-task score of ``metrics`` relative to single-task ``baseline``, in %.
 
@@ -244,6 +277,10 @@ def delta_m(
         is better. **Higher is better.** Where a task has several metrics, its term
         is the mean over its metrics (each task weighs the same, whatever its
         number of metrics).
+    strict:
+        A baseline metric of exactly 0 leaves the relative change undefined:
+        raise (default), or with ``strict=False`` warn (``RuntimeWarning``, naming
+        the metric) and return NaN, so that a table of runs can still be written.
 
     Examples
     --------
@@ -278,9 +315,14 @@ def delta_m(
                 )
             base = baseline[task][name]
             if base == 0:
-                raise ValueError(
-                    f"baseline {task}/{name} is 0: relative change undefined"
+                message = (
+                    f"baseline {task}/{name} is 0: the relative change is undefined"
                 )
+                if strict:
+                    raise ValueError(f"{message}; pass strict=False to get NaN")
+                warnings.warn(f"{message}; Δm is NaN", RuntimeWarning, stacklevel=2)
+                terms.append(np.nan)
+                continue
             change = (value - base) / base * 100
             terms.append(-change if directions[name] else change)  # "drop" sign
         per_task.append(terms)

@@ -146,8 +146,10 @@ def resolve_task_names(names: Iterable[str | Task], known: Iterable[str]) -> lis
     ValueError
         Naming every unknown task and listing the known ones.
     """
+    from mtl_utils.validation import check_task_list
+
     known = list(known)
-    out = [n.name if isinstance(n, Task) else n for n in names]
+    out = [n.name if isinstance(n, Task) else n for n in check_task_list(names)]
     unknown = [n for n in out if n not in known]
     if unknown:
         raise ValueError(f"unknown task name(s) {unknown}; known tasks are {known}")

@@ -68,6 +68,7 @@ from keras import ops
 from mtl_utils import weighting as weighting_module
 from mtl_utils.losses import loss_for
 from mtl_utils.tasks import Task
+from mtl_utils.validation import check_target
 
 __all__ = ["MultiTaskModel", "StopOnNaNLoss", "WeightingCallback"]
 
@@ -169,12 +170,15 @@ def _batch_mean(fn):
 
 
 class StopOnNaNLoss(keras.callbacks.Callback):
-    """Stop training when a task loss becomes NaN or infinite, naming the task.
+    """Stop training on a non-finite input, task loss or gradient, naming it.
 
-    Added automatically by :meth:`MultiTaskModel.fit`. Checks ``<task>_loss`` in
-    the batch logs; on a non-finite value it sets ``model.stop_training``, stores
-    the message in ``model.nan_loss_message`` and warns (``RuntimeWarning``), or
-    raises ``FloatingPointError`` when ``raise_error=True``.
+    Added automatically by :meth:`MultiTaskModel.fit`. A
+    :class:`MultiTaskModel` skips such a step itself (its weights stay finite);
+    this callback reads what the step found (the batch's inputs, a task's loss,
+    the gradients) and ``<task>_loss`` in the batch logs. On a non-finite value
+    it sets ``model.stop_training``, stores the message in
+    ``model.nan_loss_message`` and warns (``RuntimeWarning``), or raises
+    ``FloatingPointError`` when ``raise_error=True``.
     """
 
     def __init__(self, task_names: Sequence[str], raise_error: bool = False):
@@ -182,26 +186,67 @@ class StopOnNaNLoss(keras.callbacks.Callback):
         self.task_names = list(task_names)
         self.raise_error = raise_error
         self._epoch = 0
+        self._seen = None
+
+    def _new_flags(self) -> np.ndarray | None:
+        """What the model's steps found non-finite since the last batch."""
+        state = getattr(self.model, "_mtl", None)
+        counts = getattr(state, "nonfinite_counts", None)
+        if counts is None:
+            return None
+        counts = np.array(counts.numpy(), np.float64)
+        new = counts if self._seen is None else counts - self._seen
+        self._seen = counts
+        return new
+
+    def on_train_begin(self, logs=None):
+        self._seen = None
+        self._new_flags()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
-    def on_train_batch_end(self, batch, logs=None):
-        logs = logs or {}
+    def _what(self, logs) -> tuple[str, str] | None:
+        """``(what was not finite, advice)``, or None."""
+        flags = self._new_flags()
+        n = len(self.task_names)
+        if flags is not None and flags[0] > 0:
+            return (
+                "values in the batch's inputs",
+                "make_dataset refuses such images; check the inputs given to fit.",
+            )
         bad = []
-        for name in self.task_names:
+        for i, name in enumerate(self.task_names):
             value = logs.get(f"{name}_loss")
-            if value is not None and not math.isfinite(float(np.asarray(value))):
+            found = flags is not None and flags[1 + i] > 0
+            if found or (
+                value is not None and not math.isfinite(float(np.asarray(value)))
+            ):
                 bad.append(name)
         if not bad:
             value = logs.get("loss")
             if value is not None and not math.isfinite(float(np.asarray(value))):
                 bad = ["<regularisation losses>"]
         if bad:
+            return (
+                f"loss for task(s) {bad}",
+                "Check those targets (missing labels must use MISSING_VALUE), the "
+                "learning rate and the loss.",
+            )
+        if flags is not None and flags[1 + n] > 0:
+            return (
+                "gradients (with finite inputs and losses)",
+                "Lower the learning rate or check the losses' gradients.",
+            )
+        return None
+
+    def on_train_batch_end(self, batch, logs=None):
+        found = self._what(logs or {})
+        if found:
             message = (
-                f"non-finite loss for task(s) {bad} at epoch {self._epoch + 1}, batch "
-                f"{batch + 1}; training stopped. Check those targets (missing labels "
-                "must use MISSING_VALUE), the learning rate and the loss."
+                f"non-finite {found[0]} at epoch {self._epoch + 1}, batch "
+                f"{batch + 1}: the step was skipped (the weights stay finite) and "
+                f"training stopped. {found[1]}"
             )
             self.model.stop_training = True
             self.model.nan_loss_message = message
@@ -658,6 +703,13 @@ class MultiTaskModel(keras.Model):
             for v in self.trainable_variables
             if id(v) in head_ids or id(v) in shared_ids
         ]
+        # Steps found non-finite: inputs, each task's loss, gradients, skipped.
+        st.nonfinite_counts = keras.Variable(
+            np.zeros((len(task_names) + 3,), "float32"),
+            trainable=False,
+            name="nonfinite_counts",
+            aggregation="only_first_replica",
+        )
         st.compiled = True
         self._restore_weighting_state()  # loaded before compile
         # Create the optimizer's slots now: left to fit(), TensorFlow creates them
@@ -690,10 +742,19 @@ class MultiTaskModel(keras.Model):
         callbacks=None,
         **kwargs,
     ):
-        """:meth:`keras.Model.fit`, plus the strategy's epoch hook and a NaN check."""
+        """:meth:`keras.Model.fit`, plus the strategy's epoch hook and a NaN check.
+
+        Arrays given directly (not a dataset) are checked first: targets of
+        tasks compiled from :class:`~mtl_utils.tasks.Task` objects against their
+        kind (labels in range, depth ``>= 0``), and images that look like
+        0..255 values warn. A step with a non-finite input, loss or gradient is
+        skipped (the weights stay finite) and, with ``stop_on_nan``, stops
+        training with a message naming it.
+        """
         callbacks = list(callbacks or [])
         st = self._mtl
         if st.compiled:
+            self._check_arrays(x, y)
             callbacks.append(WeightingCallback(st.weighting))
             if st.stop_on_nan:
                 callbacks.append(StopOnNaNLoss(st.task_names))
@@ -707,6 +768,25 @@ class MultiTaskModel(keras.Model):
             callbacks=callbacks,
             **kwargs,
         )
+
+    def _check_arrays(self, x, y) -> None:
+        """Check NumPy inputs and targets given to ``fit`` (see :meth:`fit`)."""
+        if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[-1] == 3 and x.size:
+            integer = not np.issubdtype(x.dtype, np.floating)
+            if integer or (float(x.min()) >= 0.0 and float(x.max()) > 1.5):
+                warnings.warn(
+                    f"the images given to fit have dtype {x.dtype} and values up to "
+                    f"{float(x.max()):.4g}: they look like 0..255 values, while the "
+                    "book's models expect float32 in [0, 1] (divide by 255)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        if not isinstance(y, Mapping):
+            return
+        for name, fn in self._mtl.loss_fns.items():
+            task = getattr(fn, "task", None)
+            if task is not None and isinstance(y.get(name), np.ndarray):
+                check_target(task, y[name])
 
     # -------------------------------------------------------------- step helpers
     def _check_targets(self, y):
@@ -791,6 +871,70 @@ class MultiTaskModel(keras.Model):
             return x
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
 
+    def _check_finite_step(self, x, losses, grads):
+        """True when the batch's inputs, the task losses and ``grads`` are finite.
+
+        A masked loss hides a NaN input going forward (the loss stays finite), but
+        not going backward: 0 x NaN = NaN in the weights' gradients. So every
+        step checks its inputs, losses and gradients, and records what was not
+        finite in ``nonfinite_counts`` (read by :class:`StopOnNaNLoss` to name
+        it). Under dynamic loss scaling a non-finite gradient is an overflow the
+        optimizer handles, and is not recorded. The flags are summed over
+        replicas, so that every replica takes the same decision.
+        """
+
+        def bad(tensors):
+            checks = [
+                ops.all(ops.isfinite(t))
+                for t in tensors
+                if t is not None and "float" in keras.backend.standardize_dtype(t.dtype)
+            ]
+            if not checks:
+                return ops.zeros((), "float32")
+            return 1.0 - ops.cast(ops.all(ops.stack(checks)), "float32")
+
+        flags = [bad(keras.tree.flatten(x))] + [bad([value]) for value in losses]
+        flags = self._all_reduce(ops.stack(flags + [bad(grads)]))
+        finite = ops.equal(ops.sum(flags), 0.0)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            flags = ops.concatenate([flags[:-1], ops.zeros((1,), "float32")])
+        flags = ops.cast(flags > 0, "float32")
+        skipped = ops.cast(ops.sum(flags) > 0, "float32")[None]
+        self._mtl.nonfinite_counts.assign_add(ops.concatenate([flags, skipped]))
+        return finite
+
+    @staticmethod
+    def _apply_if_finite(finite, apply, *args) -> None:
+        """``apply(*args)``, an optimizer update, only when ``finite`` is true.
+
+        A :class:`keras.optimizers.LossScaleOptimizer` skips non-finite steps
+        itself (and lowers its scale), so it is called as is. Under strategies
+        that synchronise through ``merge_call`` (``MirroredStrategy``), the
+        condition is taken in cross-replica context, as Keras' loss-scale
+        optimizer does (a branch that calls ``merge_call`` cannot sit in a
+        replica-context ``cond``).
+        """
+        if isinstance(
+            getattr(apply, "__self__", None), keras.optimizers.LossScaleOptimizer
+        ):
+            apply(*args)
+            return
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(finite, lambda: apply(*args), lambda: None)
+            return
+
+        def cross_replica(distribution, finite, *args):
+            ok = distribution.experimental_local_results(finite)[0]
+            tf.cond(
+                ok,
+                lambda: distribution.extended.call_for_each_replica(apply, args=args),
+                lambda: None,
+            )
+
+        tf.distribute.get_replica_context().merge_call(
+            cross_replica, args=(finite, *args)
+        )
+
     def _results(self, x, y, outputs, include_weights=True):
         results = self.compute_metrics(x, y, outputs, sample_weight=None)
         if not include_weights:
@@ -839,9 +983,11 @@ class MultiTaskModel(keras.Model):
             objective = (total + reg) / replicas
             scaled = self.optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, st.train_vars)
-        self.optimizer.apply(grads, st.train_vars)
+        strategy_grads = list(tape.gradient(objective, svars)) if svars else []
+        finite = self._check_finite_step(x, losses, grads + strategy_grads)
+        self._apply_if_finite(finite, self.optimizer.apply, grads, st.train_vars)
         if svars:
-            strategy.apply_gradients(tape.gradient(objective, svars))
+            self._apply_if_finite(finite, strategy.apply_gradients, strategy_grads)
         loss_vec = self._all_reduce(ops.stack(losses) * share)
         self._update_loss_trackers(x, losses, counts, reg, loss_vec)
         return outputs, losses, ops.stop_gradient(weights)
@@ -961,23 +1107,18 @@ class MultiTaskModel(keras.Model):
                 ops.stop_gradient(ops.cast(combo.heads, "float32")),
             )
 
-        loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        # Under dynamic loss scaling the optimizer skips a step whose scaled
-        # gradients overflowed (and lowers the scale). The strategy must skip it
-        # too: it gets finite stand-ins (a NaN Gram matrix would crash a linear
-        # solve) and, once every gradient the optimizer sees is known, its state
-        # is restored where any of them is not finite (below), so that no NaN
-        # reaches, e.g., GradNorm's weights. All replicas see the same all-reduced
-        # gradients, so they agree.
-        state = strategy.state_variables() if loss_scaled else []
+        # A step with a non-finite gradient is skipped (by the optimizer under
+        # dynamic loss scaling, which also lowers the scale; else by
+        # _apply_if_finite). The strategy must skip it too: it gets finite
+        # stand-ins (a NaN Gram matrix would crash a linear solve) and, once every
+        # gradient the optimizer sees is known, its state is restored where any of
+        # them is not finite (below), so that no NaN reaches, e.g., GradNorm's
+        # weights. All replicas see the same all-reduced gradients, so they agree.
+        state = strategy.state_variables()
         saved_state = [ops.copy(v) for v in state]
 
         def combine(gram, flat):
             """The strategy's ``(shared, heads)`` coefficients."""
-            if not loss_scaled:
-                return coefficients(
-                    strategy.combine_gradients(gram, loss_vec, flat, present)
-                )
             finite = ops.logical_and(
                 ops.all(ops.isfinite(gram)), ops.all(ops.isfinite(loss_vec))
             )
@@ -1056,13 +1197,10 @@ class MultiTaskModel(keras.Model):
             for v, g in zip(st.train_vars, reg_grads, strict=True):
                 grads[id(v)] = grads[id(v)] + g
         ordered = [grads[id(v)] for v in st.train_vars]
-        if state:  # the optimizer's own test: every gradient finite
-            finite = ops.all(
-                ops.stack([ops.all(ops.isfinite(g)) for g in ordered + [loss_vec]])
-            )
-            for v, old in zip(state, saved_state, strict=True):
-                v.assign(ops.where(finite, v, old))
-        self.optimizer.apply(ordered, st.train_vars)
+        finite = self._check_finite_step(x, losses, ordered + [loss_vec])
+        for v, old in zip(state, saved_state, strict=True):
+            v.assign(ops.where(finite, v, old))
+        self._apply_if_finite(finite, self.optimizer.apply, ordered, st.train_vars)
         self._update_loss_trackers(x, losses, counts, reg, loss_vec)
         return outputs, losses, shared_coef
 

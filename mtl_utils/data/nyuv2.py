@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl_utils.validation import check_finite, check_image, check_labels
+
 NYUV2_SIZE = (288, 384)
 NYUV2_CLASSES = 13
 #: folder name in the MTAN layout -> key in the returned dict
@@ -45,10 +47,11 @@ def _expected_shape(folder: str, size: tuple[int, int]) -> tuple[int, ...]:
 def _load(path: Path, folder: str, size: tuple[int, int] | None) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as err:  # object arrays need pickle: refused
+    except (ValueError, OSError, EOFError) as err:  # pickled (refused), truncated
+        why = "without pickle" if "pickle" in str(err) else "(truncated or corrupt)"
         raise ValueError(
-            f"{path}: cannot be read without pickle ({err}); expected a plain numeric "
-            "array"
+            f"{path}: cannot be read {why} ({err}); expected a plain numeric .npy "
+            "array: replace this file"
         ) from None
     if not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"{path}: dtype {array.dtype}; expected a numeric array")
@@ -59,6 +62,17 @@ def _load(path: Path, folder: str, size: tuple[int, int] | None) -> np.ndarray:
         raise ValueError(
             f"{path}: shape {array.shape}; expected {shape} for {folder!r}"
         )
+    if folder == "image":
+        check_image(array, str(path))
+    elif folder == "label":
+        check_labels(
+            array,
+            NYUV2_CLASSES,
+            str(path),
+            hint=" (copies that mark unlabelled pixels with 255: map them to -1)",
+        )
+    else:
+        check_finite(array, str(path))
     return array
 
 
@@ -93,7 +107,9 @@ def load_nyuv2(
     FileNotFoundError
         If the split's folders are missing (the message says how to get the data).
     ValueError
-        If a file has the wrong shape or dtype, or needs pickle (naming the file).
+        If a file cannot be read (pickled or truncated), has the wrong shape or
+        dtype, holds labels outside 0..12 (or -1), an image outside [0, 1] or
+        non-finite values (naming the file).
     """
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'val'")
