@@ -13,6 +13,8 @@ segmentation  nearest neighbour   filled pixels get -1 (ignored)
 depth         nearest neighbour   divided by the zoom (MTAN) or unchanged
 normal        bilinear, then      rotated with the image, negated ``x`` on a
               renormalised        flip; valid where the nearest source is
+instance ids  nearest neighbour   filled pixels get -1 (no object)
+count         recounted           objects left in the frame (see below)
 image-level   untouched           --
 ============  ==================  =========================================
 
@@ -23,6 +25,15 @@ the blend's direction and renormalising undoes the shortening it causes. Pixels
 that a crop or a rotation fills from outside the image get the task's missing value
 (:data:`mtl_utils.tasks.MISSING_VALUE`: -1 for segmentation, 0 for depth and
 normals), so the masked losses skip them.
+
+A crop or a rotation can push objects out of the frame, so the image-level target
+``"count"`` (objects visible) would be wrong if it were passed through. When the
+example also holds the renderer's instance map ``"object_id"`` (H, W) (index of the
+object each pixel sees, -1 for none; ``render_scenes(..., object_ids=True)``),
+the map moves like a segmentation and ``count`` becomes the number of objects left
+in it: the objects the transformed segmentation shows. Without the map, ``count``
+is marked missing (-1, skipped by the loss) whenever a zoom (``scale > 1``) or a
+rotation (``angle != 0``) is applied. A flip moves nothing out of the frame.
 
 The random versions take a ``seed``: a (2,) integer tensor as given by
 :func:`mtl_utils.data.pipeline.make_dataset`. They use TensorFlow's stateless
@@ -61,7 +72,9 @@ import numpy as np
 from mtl_utils.tasks import KINDS, Task
 
 __all__ = [
+    "COUNT_KEY",
     "DEPTH_RULES",
+    "INSTANCE_KEY",
     "apply_keras_layers",
     "augment",
     "example_kinds",
@@ -80,6 +93,13 @@ __all__ = [
 #: roughly a camera moved closer); ``"zoom"`` keeps it (a longer focal length moves
 #: nothing, so the true depth is unchanged).
 DEPTH_RULES = ("mtan", "zoom")
+
+#: Key of the optional instance map (H, W) int32: the index of the object each
+#: pixel sees, -1 for floor, wall or filled pixels. It moves like a segmentation.
+INSTANCE_KEY = "object_id"
+#: Key of the image-level target that counts the objects visible in the frame:
+#: recounted from the instance map after a crop or rotation, else marked missing.
+COUNT_KEY = "count"
 
 _DENSE_RANK = {"segmentation": 2, "depth": 3, "normal": 3}
 _EXPECTED = {
@@ -109,8 +129,9 @@ def example_kinds(example: Mapping, kinds: Kinds = None) -> dict[str, str]:
     """The task kind of every target of ``example`` (every key but ``"image"``).
 
     A key listed in ``kinds`` gets that kind; a key named like a kind
-    (``"segmentation"``, ``"depth"``, ``"normal"``) gets that kind; any other key
-    holding a scalar is image-level (``"classification"``) and is left untouched.
+    (``"segmentation"``, ``"depth"``, ``"normal"``) gets that kind, and the
+    instance map :data:`INSTANCE_KEY` is a segmentation; any other key holding a
+    scalar is image-level (``"classification"``) and is left untouched.
 
     Parameters
     ----------
@@ -145,7 +166,8 @@ def example_kinds(example: Mapping, kinds: Kinds = None) -> dict[str, str]:
     for key, value in example.items():
         if key == "image":
             continue
-        kind = given.get(key, key if key in KINDS else None)
+        default = "segmentation" if key == INSTANCE_KEY else None
+        kind = given.get(key, key if key in KINDS else default)
         if kind is None:
             if len(_static_shape(value)) == 0:
                 kind = "classification"
@@ -168,9 +190,29 @@ def _static_shape(x) -> tuple:
     return tuple(None if d is None else int(d) for d in shape)
 
 
+def _check_image_dtype(image) -> None:
+    """Refuse an integer image: augmentations work on floats in [0, 1]."""
+    dtype = _tf().as_dtype(image.dtype)
+    if not dtype.is_floating:
+        raise ValueError(
+            f"image has dtype {dtype.name}; expected float32 in [0, 1] (on 0..255 "
+            "values photometric changes clip every pixel to 1). Convert first: "
+            "tf.cast(image, tf.float32) / 255"
+        )
+
+
 def _check_example(example: Mapping, kinds: Kinds) -> dict[str, str]:
-    """Check ranks, channels and spatial sizes; return ``{key: kind}``."""
+    """Check ranks, channels, dtypes and spatial sizes; return ``{key: kind}``."""
     found = example_kinds(example, kinds)
+    _check_image_dtype(_convert({"image": example["image"]})["image"])
+    for key, kind in found.items():
+        dtype = _tf().as_dtype(_convert({key: example[key]})[key].dtype)
+        if kind in ("segmentation", "classification") and dtype.is_unsigned:
+            raise ValueError(
+                f"{kind} target {key!r} has dtype {dtype.name}, which cannot hold "
+                "the unlabelled label -1 (a rotation's empty corners would become "
+                "a class); expected int32"
+            )
     image_shape = _static_shape(example["image"])
     if len(image_shape) != 3 or image_shape[-1] != 3:
         raise ValueError(
@@ -261,6 +303,29 @@ def _renormalise(blended, nearest):
     )
     unit = unit / tf.maximum(tf.norm(unit, axis=-1, keepdims=True), _NORMAL_EPS)
     return tf.where(valid, unit, tf.zeros_like(unit))
+
+
+def _recount(out: dict, example: Mapping, found: Mapping, cut) -> dict:
+    """Set ``out["count"]`` to the objects left in the frame after a transform.
+
+    ``cut`` (bool tensor) says whether the transform may have moved objects out of
+    the frame. With the instance map in ``out`` (already transformed), the count is
+    the number of distinct ids >= 0 in it; without it, the count is marked missing
+    (-1) where ``cut`` holds. A count that was missing stays missing.
+    """
+    if found.get(COUNT_KEY) != "classification":
+        return out
+    tf = _tf()
+    count = example[COUNT_KEY]
+    missing = tf.constant(-1, count.dtype)
+    if INSTANCE_KEY in out:
+        ids = tf.reshape(out[INSTANCE_KEY], [-1])
+        left = tf.size(tf.unique(tf.boolean_mask(ids, ids >= 0))[0])
+        new = tf.cast(left, count.dtype)
+    else:
+        new = tf.where(cut, missing, count)
+    out[COUNT_KEY] = tf.where(count < 0, missing, new)
+    return out
 
 
 # ------------------------------------------------------------------------ transforms
@@ -381,7 +446,8 @@ def scale_crop(
     Returns
     -------
     dict
-        Same keys, shapes and dtypes.
+        Same keys, shapes and dtypes; ``"count"`` recounted from the moved
+        ``"object_id"`` map, or marked missing without one (module docstring).
 
     Raises
     ------
@@ -425,7 +491,7 @@ def scale_crop(
                 _renormalise(blended, tf.cast(nearest, tf.float32)), value.dtype
             )
         out[key] = nearest
-    return out
+    return _recount(out, example, found, scale > 1.0)
 
 
 def _rotation_transform(angle, h, w):
@@ -476,7 +542,8 @@ def rotate(example: Mapping, angle: float, kinds: Kinds = None) -> dict:
     Returns
     -------
     dict
-        Same keys, shapes and dtypes.
+        Same keys, shapes and dtypes; ``"count"`` recounted from the moved
+        ``"object_id"`` map, or marked missing without one (module docstring).
     """
     tf = _tf()
     found = _check_example(example, kinds)
@@ -520,7 +587,7 @@ def rotate(example: Mapping, angle: float, kinds: Kinds = None) -> dict:
             # row vectors: n' = n @ rot gives (c nx + s ny, -s nx + c ny, nz)
             nearest, blended = nearest @ rot, blended @ rot
             out[key] = tf.cast(_renormalise(blended, nearest), value.dtype)
-    return out
+    return _recount(out, example, found, tf.not_equal(angle, 0.0))
 
 
 def photometric(
@@ -568,7 +635,16 @@ def photometric(
     shape = _static_shape(image)
     if len(shape) != 3 or shape[-1] != 3:
         raise ValueError(f"image has shape {_shape_str(shape)}; expected (H, W, 3)")
+    _check_image_dtype(image)
     x = tf.cast(image, tf.float32)
+    check = tf.debugging.assert_less_equal(
+        tf.reduce_max(x),
+        1.001,
+        message="photometric: image values exceed 1; expected float in [0, 1] "
+        "(0..255 images would be clipped to 1: divide by 255)",
+    )
+    with tf.control_dependencies([check]):
+        x = tf.identity(x)
     if brightness > 0:
         x = tf.image.stateless_random_brightness(x, brightness, seeds[0])
     if contrast > 0:

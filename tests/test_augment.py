@@ -29,7 +29,12 @@ import tensorflow as tf
 
 from mtl_utils import augment as A
 from mtl_utils.data.pipeline import make_dataset
-from mtl_utils.data.scenes import CLASS_NAMES, render_batch, sample_scenes
+from mtl_utils.data.scenes import (
+    CLASS_NAMES,
+    render_batch,
+    render_scenes,
+    sample_scenes,
+)
 
 SIZE = 64
 IDS = {"object_id": "segmentation"}
@@ -354,6 +359,125 @@ def test_rotate_marks_exactly_the_pixels_from_outside_the_image_invalid(scenes):
     np.testing.assert_array_equal(np.all(aug["normal"] == 0, -1), outside)
 
 
+# ------------------------------------------------------------------------- count
+def ids_in(ids):
+    return set(np.unique(ids[ids >= 0]).tolist())
+
+
+def clearly_visible(ids):
+    """Objects with a pixel whose 3x3 neighbourhood sees that object only."""
+    inner = np.ones(ids.shape, bool)
+    for n in neighbours(ids):
+        inner &= n == ids
+    return ids_in(np.where(inner, ids, -1))
+
+
+def check_count_against_renders(pairs):
+    """``count`` of each augmented example vs the render of the transformed view.
+
+    ``pairs``: (augmented example, render of the view). The count must be the
+    number of objects in the moved instance map (what the moved segmentation
+    shows), and the objects the two see may differ only by slivers: an object seen
+    by one view only has no interior pixel there. Returns the share of equal counts.
+    """
+    equal = []
+    for aug, truth in pairs:
+        got, want = ids_in(aug["object_id"]), ids_in(truth["object_id"])
+        assert aug["count"] == len(got)
+        assert clearly_visible(truth["object_id"]) <= got
+        assert clearly_visible(aug["object_id"]) <= want
+        equal.append(int(aug["count"]) == int(truth["count"]))
+    return float(np.mean(equal))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scale", [1.2, 1.5, 2.0])
+def test_count_after_scale_crop_is_the_count_of_the_zoomed_camera(seed, scale):
+    """Renderer oracle: the crop is the camera with focal * s, which sees ``count``
+    objects; passing the count through unchanged is wrong in many scenes."""
+    scenes = sample_scenes(40, seed=seed)
+    offsets = np.random.default_rng(seed).uniform(size=(len(scenes), 2))
+    source = render_batch(scenes, SIZE, object_ids=True)
+    views = render_batch(
+        [
+            dataclasses.replace(
+                sc, camera=zoomed_camera(sc.camera, (SIZE, SIZE), scale, tuple(o))
+            )
+            for sc, o in zip(scenes, offsets, strict=True)
+        ],
+        SIZE,
+        object_ids=True,
+    )
+    pairs = [
+        (
+            numpy_dict(
+                A.scale_crop({k: v[i] for k, v in source.items()}, scale, tuple(o))
+            ),
+            {k: v[i] for k, v in views.items()},
+        )
+        for i, o in enumerate(offsets)
+    ]
+    assert check_count_against_renders(pairs) >= 0.9
+    if scale >= 1.5:  # the bug this guards against: the count passed through
+        assert np.mean(source["count"] != views["count"]) > 0.05
+
+
+@pytest.mark.parametrize("angle", [0.3, -0.5])
+def test_count_after_rotate_is_the_count_of_the_rolled_camera(angle):
+    scenes = sample_scenes(40, seed=3)
+    source = render_batch(scenes, SIZE, object_ids=True)
+    views = render_batch(
+        [
+            dataclasses.replace(
+                sc, camera=dataclasses.replace(sc.camera, roll=sc.camera.roll + angle)
+            )
+            for sc in scenes
+        ],
+        SIZE,
+        object_ids=True,
+    )
+    pairs = [
+        (
+            numpy_dict(A.rotate({k: v[i] for k, v in source.items()}, angle)),
+            {k: v[i] for k, v in views.items()},
+        )
+        for i in range(len(scenes))
+    ]
+    assert check_count_against_renders(pairs) >= 0.9
+
+
+def test_count_without_an_instance_map_is_marked_missing_after_a_zoom(scenes):
+    """No object ids: a crop or a rotation cannot recount, so the label is -1."""
+    r = render1(scenes[0])
+    del r["object_id"]
+    assert r["count"] > 0
+    assert A.scale_crop(r, 1.2)["count"] == -1
+    assert A.rotate(r, 0.1)["count"] == -1
+    assert A.scale_crop(r, 1.0)["count"] == r["count"]  # no zoom, nothing cut
+    assert A.rotate(r, 0.0)["count"] == r["count"]
+    assert A.hflip(r)["count"] == r["count"]
+    missing = {**r, "count": np.int32(-1)}
+    with_ids = {**render1(scenes[0]), "count": np.int32(-1)}
+    for ex in (missing, with_ids):  # a missing count stays missing
+        assert A.scale_crop(ex, 1.5)["count"] == -1
+
+
+def test_make_dataset_passes_the_instance_map_to_augment_for_the_count():
+    """The batches' count is the number of objects left in the zoomed instance map
+    (a copy of the map, yielded as the target "ids", moves the same way)."""
+    arrays = render_scenes(24, size=32, seed=4, object_ids=True)
+    arrays["ids"] = arrays["object_id"].copy()
+    fn = A.make_augment(
+        scales=(2.0,), color=False, flip_probability=0.0, kinds={"ids": "segmentation"}
+    )
+    ds = make_dataset(arrays, ["count", "ids"], 24, augment=fn, seed=3)
+    _, targets = collect(ds)
+    assert sorted(targets) == ["count", "ids"]
+    left = [len(ids_in(ids)) for ids in targets["ids"]]
+    np.testing.assert_array_equal(targets["count"], left)
+    assert np.any(targets["count"] != arrays["count"])
+
+
 def test_bilinear_resize_without_renormalising_shortens_normals(scenes):
     """Why scale_crop renormalises: resizing normals as an image (as MTAN's code
     does) blends directions at creases into vectors shorter than 1."""
@@ -496,8 +620,6 @@ def test_same_seed_same_output_eagerly_and_in_a_tf_function(scenes):
 
 @pytest.fixture(scope="module")
 def arrays():
-    from mtl_utils.data.scenes import render_scenes
-
     return render_scenes(24, size=32, seed=2)
 
 

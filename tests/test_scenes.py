@@ -272,6 +272,18 @@ def test_render_scenes_schema():
     assert render_scenes(0, size=16)["image"].shape == (0, 16, 16, 3)
 
 
+def test_object_ids_option_adds_the_instance_map_and_changes_nothing_else():
+    plain = render_scenes(6, size=32, seed=3)
+    more = render_scenes(6, size=32, seed=3, object_ids=True)
+    assert set(more) == set(plain) | {"object_id"}
+    for key, value in plain.items():  # bit-identical
+        assert more[key].dtype == value.dtype
+        np.testing.assert_array_equal(more[key], value)
+    assert more["object_id"].shape == (6, 32, 32)
+    visible = [len(np.unique(ids[ids >= 0])) for ids in more["object_id"]]
+    np.testing.assert_array_equal(visible, plain["count"])
+
+
 def test_bad_arguments_give_clear_errors():
     with pytest.raises(ValueError, match="number of scenes must be an integer >= 0"):
         render_scenes(-1)

@@ -574,6 +574,7 @@ def render_scenes(
     size: int | tuple[int, int] = 64,
     seed: int = 0,
     layout: str | Layout = "default",
+    object_ids: bool = False,
 ) -> dict[str, np.ndarray]:
     """Sample and render ``n`` scenes of the benchmark.
 
@@ -589,6 +590,9 @@ def render_scenes(
     layout:
         Object ranges: a name of :data:`LAYOUTS` (``"default"`` or ``"near"``) or a
         :class:`Layout`.
+    object_ids:
+        Also return the instance map ``object_id``. It does not change the other
+        arrays; :mod:`mtl_utils.augment` uses it to recount ``count`` after a crop.
 
     Returns
     -------
@@ -596,7 +600,9 @@ def render_scenes(
         ``image`` (N, H, W, 3) float32 in [0, 1]; ``segmentation`` (N, H, W) int32
         class ids of ``CLASS_NAMES``; ``depth`` (N, H, W, 1) float32 camera-z;
         ``normal`` (N, H, W, 3) float32 unit camera-frame normals; ``count`` (N,)
-        int32 number of visible objects.
+        int32 number of visible objects; with ``object_ids=True`` also
+        ``object_id`` (N, H, W) int32, the index in ``scene.objects`` of the object
+        each pixel sees, -1 for floor and wall.
     """
     _image_size(size)
-    return render_batch(sample_scenes(n, seed, layout=layout), size)
+    return render_batch(sample_scenes(n, seed, layout=layout), size, object_ids)
