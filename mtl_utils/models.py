@@ -15,8 +15,14 @@
 * :func:`build_multitask` (hard parameter sharing: one encoder, one head per
   task), :func:`build_single_task` (the same for one task, the baseline) and
   :func:`build_mtan` (shared encoder with per-task attention, Liu, Johns and
-  Davison 2019). Each returns a :class:`mtl_utils.training.MultiTaskModel` whose
-  outputs are a dict keyed by task name.
+  Davison 2019; an encoder-attention variant: attention on the VGG encoder
+  only, with per-task ``f`` convolutions and per-task U-Net decoders). Each
+  returns a :class:`mtl_utils.training.MultiTaskModel` whose outputs are a dict
+  keyed by task name.
+* The SegNet family as the MTAN paper's code builds it, defined in
+  :mod:`mtl_utils.segnet` and re-exported here: ``build_segnet``,
+  ``build_segnet_split``, ``build_segnet_mtan`` (the paper's MTAN, attention in
+  encoder and decoder) and ``build_cross_stitch``.
 
 Shapes use ``B`` batch, ``H, W`` input height and width, ``C`` channels.
 
@@ -577,7 +583,10 @@ def build_mtan(
     References
     ----------
     Liu, Johns and Davison, "End-to-End Multi-Task Learning with Attention",
-    CVPR 2019 (the encoder half of MTAN; decoders here are per task).
+    CVPR 2019 (the encoder half of MTAN; decoders here are per task). This
+    encoder-attention variant is not the paper's network, which shares a SegNet
+    decoder with attention in it too and shares the ``f`` blocks across tasks:
+    see :func:`mtl_utils.segnet.build_segnet_mtan`.
     """
     tasks = _check_tasks(tasks)
     shape = _check_input_shape(input_shape)
@@ -639,3 +648,21 @@ def mtan_mask_model(model: keras.Model) -> keras.Model:
         t: [m for _, m in sorted(ms, key=lambda p: p[0])] for t, ms in masks.items()
     }
     return keras.Model(model.input, ordered, name=f"{model.name}_masks")
+
+
+# The SegNet family lives in mtl_utils.segnet (which builds on this module);
+# it is re-exported here, imported on first use to avoid a circular import.
+_SEGNET_BUILDERS = (
+    "build_segnet",
+    "build_segnet_split",
+    "build_segnet_mtan",
+    "build_cross_stitch",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SEGNET_BUILDERS:
+        from mtl_utils import segnet
+
+        return getattr(segnet, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
