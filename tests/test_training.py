@@ -120,6 +120,8 @@ STRATEGIES = {
     "imtl": W.IMTL,
     "nash_mtl": W.NashMTL,
     "aligned_mtl": W.AlignedMTL,
+    "imtl_l": W.IMTLL,
+    "imtl_hybrid": lambda: W.IMTL(loss_scale=True),
 }
 
 
@@ -360,7 +362,7 @@ def test_uncertainty_weighting_step_trains_log_variances_with_kendall_gradient()
 # --------------------------------------------------------------- partial labels
 
 
-@pytest.mark.parametrize("name", ["equal", "pcgrad", "mgda", "imtl", "nash_mtl"])
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_batch_without_labels_for_a_task_leaves_its_head_unchanged(name):
     keras.utils.set_random_seed(6)
     model = tiny_model(TASKS)
@@ -373,7 +375,27 @@ def test_batch_without_labels_for_a_task_leaves_its_head_unchanged(name):
     assert all(np.all(np.isfinite(w)) for w in after.values())
     np.testing.assert_array_equal(after["count_out/kernel"], before["count_out/kernel"])
     assert logs["count_loss"] == 0.0
+    assert logs["weight_count"] == 0.0  # one rule: an absent task's weight is 0
     assert not np.allclose(after["trunk2/kernel"], before["trunk2/kernel"])
+
+
+def test_gradnorm_weights_stay_in_range_when_a_task_is_absent_from_the_first_batch():
+    """Chen et al.'s ratios L_i / L_i(0) need a real first loss: a task without
+    labels in the first batch takes its L_i(0) from its first labelled batch."""
+    keras.utils.set_random_seed(2)
+    model = tiny_model(TASKS)
+    x, y = scene_like_batch(16)
+    y["count"][:4] = -1  # no count labels in the first batch
+    y["count"][4:] = np.maximum(y["count"][4:], 0)
+    strategy = W.GradNorm(optimizer=keras.optimizers.Adam(0.05))
+    model.compile(keras.optimizers.Adam(1e-3), losses=TASKS, weighting=strategy)
+    history = model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+    weights = strategy.weights.numpy()
+    assert np.all(np.isfinite(weights))
+    assert np.all(weights >= 0.05) and np.all(weights <= len(TASKS)), weights
+    assert strategy.initial_losses.numpy()[3] > 0  # count: its first labelled loss
+    for t in TASKS:
+        assert np.all(np.isfinite(history.history[f"weight_{t.name}"]))
 
 
 def test_saved_model_reloads_with_its_representation_and_predictions(tmp_path):
