@@ -70,6 +70,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from mtl_utils.validation import check_finite, check_number
+
 __all__ = [
     "CAGRAD_EXACT_MAX_TASKS",
     "CAGrad",
@@ -361,6 +363,12 @@ def mgda_weights(
     >>> mgda_weights(np.array([[1.0, 0.0], [0.0, 1.0]])).numpy().round(3)
     array([0.5, 0.5], dtype=float32)
     """
+    try:  # concrete values are checked; a symbolic tensor (inside fit) is not
+        values = np.asarray(G, np.float64)
+    except (TypeError, ValueError, NotImplementedError):
+        values = None
+    if values is not None:
+        check_finite(values, "mgda_weights: the gradients G")
     return mgda_weights_from_gram(
         gram_matrix(G), max_iterations, tolerance, method, present
     )
@@ -1188,6 +1196,11 @@ class StaticWeighting(Weighting):
     def __init__(self, weights: Mapping[str, float] | Sequence[float]):
         super().__init__()
         self.spec = dict(weights) if isinstance(weights, Mapping) else list(weights)
+        items = (
+            self.spec.items() if isinstance(self.spec, dict) else enumerate(self.spec)
+        )
+        for key, value in items:
+            check_number(value, f"StaticWeighting weight {key!r}", low=0.0)
 
     def create_state(self) -> None:
         if isinstance(self.spec, dict):
@@ -1246,7 +1259,9 @@ class UncertaintyWeighting(Weighting):
                 f"form must be 'regression', 'paper' or a mapping; got {form!r}"
             )
         self.form = form
-        self.initial_log_variance = float(initial_log_variance)
+        self.initial_log_variance = check_number(
+            initial_log_variance, "UncertaintyWeighting initial_log_variance"
+        )
         self.log_variance = None
 
     def create_state(self) -> None:
@@ -1321,7 +1336,9 @@ class DynamicWeightAverage(Weighting):
 
     def __init__(self, temperature: float = 2.0):
         super().__init__()
-        self.temperature = float(temperature)
+        self.temperature = check_number(
+            temperature, "DynamicWeightAverage temperature", low=0.0, low_open=True
+        )
 
     def create_state(self) -> None:
         self.weights = _state_variable(
@@ -1421,7 +1438,7 @@ class GradNorm(Weighting):
         self, alpha: float = 1.5, optimizer: keras.optimizers.Optimizer | None = None
     ):
         super().__init__(optimizer)
-        self.alpha = float(alpha)
+        self.alpha = check_number(alpha, "GradNorm alpha", low=0.0)
         self.weights = None
 
     def create_state(self) -> None:
@@ -1616,9 +1633,7 @@ class CAGrad(Weighting):
         update_every: int = 1,
     ):
         super().__init__(update_every=update_every)
-        if c < 0:
-            raise ValueError(f"c must be >= 0, got {c}")
-        self.c = float(c)
+        self.c = check_number(c, "CAGrad c", low=0.0)
         self.rescale = bool(rescale)
         self.iterations = int(iterations)
 

@@ -1,0 +1,345 @@
+"""Bad input is refused where it enters, with an error naming it, or made harmless.
+
+Each test feeds one kind of bad input (NaN, out-of-range labels, 0..255 images, a
+bare string for a task list, a zero Δm baseline, corrupt files) and checks the error
+type and that the message names the offending task, array or file. Where the input
+used to give a silently wrong result, the reference is what correct handling gives:
+training that skips a NaN step equals training without that batch.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_training import STRATEGIES, TASKS, scene_like_batch, tiny_model
+
+from mtl_utils import augment
+from mtl_utils import weighting as W
+from mtl_utils.data.nyuv2 import load_nyuv2, save_nyuv2_layout
+from mtl_utils.data.pipeline import make_dataset
+from mtl_utils.data.scenes import render_scenes
+from mtl_utils.losses import loss_for
+from mtl_utils.metrics import (
+    TaskMetrics,
+    classification_metrics,
+    delta_m,
+    segmentation_metrics,
+)
+from mtl_utils.tasks import Task, scene_tasks
+from mtl_utils.validation import check_number
+
+# ------------------------------------------------------- training: NaN-safe steps
+
+
+def _poisoned_batch(labelled: bool):
+    """8 samples; sample 5 (second batch of 4) holds a NaN pixel.
+
+    ``labelled=False``: sample 5 has no label for any task, so every masked loss
+    stays finite and only the backward pass meets the NaN (0 x NaN = NaN).
+    """
+    x, y = scene_like_batch(8)
+    x = np.clip(x, -3, 3)
+    x[5, 3, 3, 0] = np.nan
+    if not labelled:
+        for t in TASKS:
+            y[t.name][5] = t.missing_value
+    return x, y
+
+
+def _train(strategy, x, y, epochs=1, **compile_kwargs):
+    keras.utils.set_random_seed(7)
+    model = tiny_model(TASKS)
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        losses=TASKS,
+        weighting=STRATEGIES[strategy](),
+        **compile_kwargs,
+    )
+    batch_size = None if isinstance(x, tf.data.Dataset) else 4
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+    return model
+
+
+def _first(y, rows):
+    return {k: v[rows] for k, v in y.items()}
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["unlabelled", "labelled"])
+@pytest.mark.parametrize("strategy", ["equal", "uncertainty", "pcgrad", "gradnorm"])
+def test_nan_input_stops_before_the_weights_change(strategy, labelled):
+    x, y = _poisoned_batch(labelled)
+    with pytest.warns(RuntimeWarning, match=r"inputs at epoch 1, batch 2: the step"):
+        model = _train(strategy, x, y, epochs=3)
+    assert "inputs" in model.nan_loss_message
+    # Reference: the same model trained on the first (clean) batch alone.
+    reference = _train(strategy, x[:4], _first(y, slice(0, 4)))
+    for v, r in zip(model.weights, reference.weights, strict=True):
+        assert np.isfinite(v.numpy()).all(), v.path
+        np.testing.assert_allclose(v.numpy(), r.numpy(), rtol=1e-6, err_msg=v.path)
+
+
+def test_without_stop_on_nan_the_bad_step_is_skipped_and_training_goes_on():
+    x, y = scene_like_batch(12)
+    x[5, 0, 0, 1] = np.inf
+    for t in TASKS:
+        y[t.name][5] = t.missing_value
+    model = _train("equal", x, y, stop_on_nan=False)
+    keep = np.r_[0:4, 8:12]  # the batches without the bad sample
+    reference = _train("equal", x[keep], _first(y, keep))
+    for v, r in zip(model.weights, reference.weights, strict=True):
+        np.testing.assert_allclose(v.numpy(), r.numpy(), rtol=1e-6, err_msg=v.path)
+
+
+def test_nan_target_names_the_task_and_leaves_the_weights_finite():
+    x, y = scene_like_batch(8)
+    y["normal"][6, 2, 2] = np.nan  # a labelled pixel
+    # fit refuses such arrays; a dataset built without make_dataset reaches the step
+    with pytest.raises(ValueError, match=r"task 'normal' \(normal\) target holds"):
+        _train("pcgrad", x, y)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    with pytest.warns(RuntimeWarning, match=r"loss for task\(s\) \['normal'\]"):
+        model = _train("pcgrad", data, None, epochs=2)
+    reference = _train("pcgrad", x[:4], _first(y, slice(0, 4)))
+    for v, r in zip(model.weights, reference.weights, strict=True):
+        np.testing.assert_allclose(v.numpy(), r.numpy(), rtol=1e-6, err_msg=v.path)
+
+
+def test_fit_refuses_out_of_range_labels_naming_the_task():
+    x, y = scene_like_batch(8)
+    y["segmentation"][2, 0, 0] = 7  # 5 classes
+    model = tiny_model(TASKS)
+    model.compile("adam", losses=TASKS)
+    with pytest.raises(ValueError, match=r"'segmentation'.*labels \[7\].*sample 2"):
+        model.fit(x, y, batch_size=4, verbose=0)
+
+
+def test_fit_warns_on_images_that_look_like_0_to_255():
+    x, y = scene_like_batch(4)
+    x = np.abs(x) * 60
+    model = tiny_model(TASKS)
+    model.compile("adam", losses=TASKS)
+    with pytest.warns(RuntimeWarning, match=r"look like 0\.\.255"):
+        model.fit(x, y, batch_size=4, verbose=0)
+
+
+def test_task_with_the_wrong_channel_count_is_refused_by_its_loss():
+    loss = loss_for(Task("segmentation", "segmentation", 3))
+    labels = np.zeros((2, 4, 4), "int32")
+    with pytest.raises(ValueError, match=r"'segmentation'.*3 channels.*\(2, 4, 4, 5\)"):
+        loss(labels, np.zeros((2, 4, 4, 5), "float32"))
+
+
+# ------------------------------------------------------------- make_dataset
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return render_scenes(6, size=16, seed=3)
+
+
+def test_make_dataset_refuses_out_of_range_segmentation_labels(scenes):
+    arrays = dict(scenes, segmentation=scenes["segmentation"].copy())
+    arrays["segmentation"][4, 1, 1] = 7
+    with pytest.raises(ValueError, match=r"'segmentation'.*5 classes.*\[7\].*sample 4"):
+        make_dataset(arrays, scene_tasks(["segmentation", "depth"]))
+
+
+def test_make_dataset_refuses_a_count_beyond_its_classes(scenes):
+    arrays = dict(scenes, count=scenes["count"].copy())
+    arrays["count"][1] = 99
+    with pytest.raises(ValueError, match=r"'count'.*\[99\]"):
+        make_dataset(arrays, scene_tasks(["count"]))
+
+
+def test_make_dataset_refuses_uint8_images_with_the_conversion(scenes):
+    arrays = dict(scenes, image=(scenes["image"] * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"dtype uint8.*astype\('float32'\) / 255"):
+        make_dataset(arrays, ["depth"])
+
+
+def test_make_dataset_refuses_float_images_in_0_to_255(scenes):
+    arrays = dict(scenes, image=scenes["image"] * 255)
+    with pytest.raises(ValueError, match=r"image'\] values lie in .*divide by 255"):
+        make_dataset(arrays, ["depth"])
+
+
+def test_make_dataset_refuses_nan_images_naming_the_sample(scenes):
+    arrays = dict(scenes, image=scenes["image"].copy())
+    arrays["image"][3, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"image'\] holds 1 NaN.*sample 3"):
+        make_dataset(arrays, ["depth"])
+
+
+def test_make_dataset_refuses_nan_and_negative_depth(scenes):
+    arrays = dict(scenes, depth=scenes["depth"].copy())
+    arrays["depth"][2, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"target 'depth' holds 1 NaN.*sample 2"):
+        make_dataset(arrays, ["depth"])
+    arrays["depth"][2, 0, 0] = -1.0
+    with pytest.raises(ValueError, match=r"'depth'.*negative depth.*sample 2"):
+        make_dataset(arrays, scene_tasks(["depth"]))
+
+
+@pytest.mark.parametrize("call", ["make_dataset", "scene_tasks"])
+def test_a_bare_task_name_is_not_split_into_letters(scenes, call):
+    with pytest.raises(ValueError, match=r"single str 'depth'.*\['depth'\]"):
+        if call == "make_dataset":
+            make_dataset(scenes, "depth")
+        else:
+            scene_tasks("depth")
+
+
+# ------------------------------------------------------------------ NYUv2 files
+
+
+@pytest.fixture
+def nyu_root(tmp_path):
+    arrays = render_scenes(2, size=16, seed=0)
+    save_nyuv2_layout(arrays, tmp_path, "val")
+    return tmp_path
+
+
+def test_load_nyuv2_refuses_255_labels_naming_the_file(nyu_root):
+    path = nyu_root / "val" / "label" / "1.npy"
+    label = np.load(path)
+    label[0, 0] = 255
+    np.save(path, label)
+    with pytest.raises(ValueError, match=r"label/1\.npy: labels \[255\].*map them"):
+        load_nyuv2(nyu_root, "val", size=None)
+
+
+def test_load_nyuv2_names_a_truncated_file(nyu_root):
+    path = nyu_root / "val" / "depth" / "0.npy"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"depth/0\.npy: cannot be read \(truncated"):
+        load_nyuv2(nyu_root, "val", size=None)
+
+
+def test_load_nyuv2_refuses_nan_normals_naming_the_file(nyu_root):
+    path = nyu_root / "val" / "normal" / "0.npy"
+    normal = np.load(path)
+    normal[1, 1] = np.nan
+    np.save(path, normal)
+    with pytest.raises(ValueError, match=r"normal/0\.npy holds 3 NaN"):
+        load_nyuv2(nyu_root, "val", size=None)
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def test_classification_metrics_refuse_a_label_beyond_the_logits():
+    logits = np.eye(7, dtype="float32")[[1, 2, 3]]
+    with pytest.raises(ValueError, match=r"classification target.*\[99\] outside"):
+        classification_metrics(np.array([1, 2, 99]), logits)
+    # in range, the accuracy is the plain fraction of argmax hits
+    ok = classification_metrics(np.array([1, 2, -1]), logits)
+    assert ok == {"accuracy": 1.0}
+
+
+def test_segmentation_metrics_refuse_nan_logits():
+    logits = np.full((1, 4, 4, 5), np.nan, "float32")
+    with pytest.raises(ValueError, match=r"segmentation: logits hold 80 NaN"):
+        segmentation_metrics(np.zeros((1, 4, 4), int), logits, 5)
+
+
+def test_segmentation_metrics_refuse_logits_with_another_class_count():
+    logits = np.zeros((1, 4, 4, 3), "float32")
+    with pytest.raises(ValueError, match=r"3 channels; expected one channel.*5"):
+        segmentation_metrics(np.zeros((1, 4, 4), int), logits, 5)
+    task = Task("seg", "segmentation", 5)
+    with pytest.raises(ValueError, match=r"seg: logits have shape"):
+        TaskMetrics(task).update(np.zeros((1, 4, 4), int), logits)
+
+
+def test_delta_m_with_a_zero_baseline_is_nan_with_a_warning_unless_strict():
+    metrics = {"count": {"accuracy": 0.2}, "depth": {"abs_err": 0.9}}
+    baseline = {"count": {"accuracy": 0.0}, "depth": {"abs_err": 1.0}}
+    with pytest.raises(ValueError, match=r"baseline count/accuracy is 0"):
+        delta_m(metrics, baseline)
+    with pytest.warns(RuntimeWarning, match=r"count/accuracy is 0.*NaN"):
+        assert np.isnan(delta_m(metrics, baseline, strict=False))
+    # a non-zero baseline is unaffected by strict (closed form: -10 %)
+    one = {"depth": {"abs_err": 0.9}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = delta_m(one, {"depth": {"abs_err": 1.0}}, strict=False)
+    assert got == pytest.approx(-10.0)
+
+
+# ----------------------------------------------------------------- augmentation
+
+
+def _example(image, segmentation):
+    return {"image": image, "segmentation": segmentation}
+
+
+def test_augmentations_refuse_uint8_images():
+    image = np.zeros((8, 8, 3), np.uint8)
+    labels = np.zeros((8, 8), np.int32)
+    with pytest.raises(ValueError, match=r"dtype uint8.*tf\.float32\) / 255"):
+        augment.hflip(_example(image, labels))
+    with pytest.raises(ValueError, match=r"dtype uint8"):
+        augment.photometric(_example(image, labels), tf.constant([1, 2]))
+
+
+def test_rotate_refuses_an_unsigned_mask_that_cannot_hold_minus_one():
+    image = np.zeros((8, 8, 3), np.float32)
+    labels = np.zeros((8, 8), np.uint8)
+    with pytest.raises(ValueError, match=r"'segmentation' has dtype uint8.*-1"):
+        augment.rotate(_example(image, labels), 0.3)
+
+
+def test_photometric_refuses_float_images_in_0_to_255():
+    image = np.full((8, 8, 3), 200.0, np.float32)
+    example = _example(image, np.zeros((8, 8), np.int32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"exceed 1"):
+        augment.photometric(example, tf.constant([1, 2]))
+
+
+# -------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (float("nan"), "expected a finite number"),
+        (0.0, "expected > 0"),
+        ("x", "a number"),
+    ],
+)
+def test_check_number_names_the_setting(value, message):
+    with pytest.raises(ValueError, match=rf"DWA temperature is .*{message}"):
+        check_number(value, "DWA temperature", low=0.0, low_open=True)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: W.DynamicWeightAverage(temperature=0),
+            r"temperature is 0\.0; expected > 0",
+        ),
+        (lambda: W.CAGrad(c=float("nan")), r"CAGrad c is nan; expected a finite"),
+        (lambda: W.GradNorm(alpha=float("nan")), r"GradNorm alpha is nan"),
+        (
+            lambda: W.StaticWeighting({"depth": -1.0}),
+            r"weight 'depth' is -1\.0; expected >= 0",
+        ),
+        (
+            lambda: W.UncertaintyWeighting(initial_log_variance=float("inf")),
+            r"initial_log_variance is inf",
+        ),
+    ],
+    ids=["dwa", "cagrad", "gradnorm", "static", "uncertainty"],
+)
+def test_strategy_settings_are_checked_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_mgda_weights_refuse_nan_gradients():
+    G = np.array([[1.0, np.nan], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"mgda_weights: the gradients G holds 1 NaN"):
+        W.mgda_weights(G)
