@@ -809,34 +809,61 @@ def make_augment(**options) -> Callable[[Mapping, object], dict]:
 
 
 # --------------------------------------------------------------------- Keras layers
+#: What apply_keras_layers calls on a Keras image preprocessing layer (Keras 3.6+):
+#: one random draw, then the images' and the masks' transforms with that draw.
+_KERAS_LAYER_API = (
+    "get_random_transformation",
+    "transform_images",
+    "transform_segmentation_masks",
+)
+
+
 def apply_keras_layers(layers: Sequence, images, masks, training: bool = True):
     """Run Keras 3 preprocessing layers jointly on images and segmentation masks.
 
     Keras' image layers accept ``{"images", "segmentation_masks"}`` and move the
-    masks with the images (nearest neighbour). This wrapper adds and removes the
-    masks' channel axis and casts them back to their integer dtype, since
-    ``RandomFlip`` and ``RandomCrop`` return float masks. Depth and normals cannot
-    go through these layers (a flip must negate ``n_x``; a zoom may rescale depth),
-    and the layers draw from a stateful seed generator, so use :func:`augment` for
-    the full example.
+    masks with the images. This wrapper does what such a call does (one random
+    draw per layer, applied to images and masks) with one difference: the masks are
+    always resampled by nearest neighbour. Keras 3.6 to 3.13 resample masks in
+    ``RandomRotation``, ``RandomZoom``, ``RandomTranslation`` (and other layers with
+    an ``interpolation`` option) with the images' interpolation, bilinear by
+    default, which invents labels between two classes (a rotation of labels 0 and
+    2 gives 1s at their border); Keras 3.14 and later use nearest neighbour. Here
+    the layer's ``interpolation`` is set to ``"nearest"`` while its masks are
+    transformed, which gives the same labels on every Keras version.
+
+    The wrapper also adds and removes the masks' channel axis and casts them back
+    to their integer dtype (``RandomFlip`` and ``RandomCrop`` return float masks on
+    every version). Depth and normals cannot go through these layers (a flip must
+    negate ``n_x``; a zoom may rescale depth), and the layers draw from a stateful
+    seed generator, so use :func:`augment` for the full example.
 
     Parameters
     ----------
     layers:
-        Keras preprocessing layers, e.g. ``[keras.layers.RandomFlip("horizontal")]``.
+        Keras image preprocessing layers, e.g.
+        ``[keras.layers.RandomFlip("horizontal")]``.
     images:
         (B, H, W, 3) float.
     masks:
         (B, H, W) integer class ids.
     training:
         Passed to the layers. Note ``RandomCrop(training=False)`` crops the masks
-        but not the images on Keras 3.15; this wrapper raises in that case.
+        but not the images (Keras 3.8 to 3.15 at least); this wrapper raises then.
 
     Returns
     -------
     tuple
         ``images`` (B, H', W', 3) and ``masks`` (B, H', W') with the masks' dtype.
+
+    Raises
+    ------
+    ValueError
+        On wrong shapes, a layer without Keras' transformation methods (Keras
+        before 3.6, or not an image preprocessing layer), or a layer that left the
+        masks and the images with different sizes.
     """
+    import keras
     from keras import ops
 
     if len(_static_shape(images)) != 4 or len(_static_shape(masks)) != 3:
@@ -846,18 +873,37 @@ def apply_keras_layers(layers: Sequence, images, masks, training: bool = True):
         )
     masks = ops.convert_to_tensor(masks)
     dtype = masks.dtype
-    data = {
-        "images": ops.convert_to_tensor(images),
-        "segmentation_masks": ops.expand_dims(masks, -1),
-    }
+    images, masks = ops.convert_to_tensor(images), ops.expand_dims(masks, -1)
     for layer in layers:
-        data = layer(data, training=training)
-        got_i, got_m = data["images"].shape, data["segmentation_masks"].shape
-        if tuple(got_i[1:3]) != tuple(got_m[1:3]):
+        missing = [m for m in _KERAS_LAYER_API if not hasattr(layer, m)]
+        if missing:
             raise ValueError(
-                f"{type(layer).__name__} returned images of shape {tuple(got_i)} but "
-                f"masks of shape {tuple(got_m)} (training={training}); the layer did "
-                "not move the masks with the images"
+                f"{type(layer).__name__} (Keras {keras.__version__}) has no "
+                f"{', '.join(missing)}; expected a Keras image preprocessing layer "
+                "(Keras 3.6 or later), whose masks can be moved with the images"
             )
-    masks = ops.cast(ops.round(data["segmentation_masks"][..., 0]), dtype)
-    return data["images"], masks
+        draw = layer.get_random_transformation(
+            {"images": images, "segmentation_masks": masks}, training=training
+        )
+        images = layer.transform_images(images, draw, training=training)
+        masks = _transform_masks_nearest(layer, masks, draw, training)
+        if tuple(images.shape[1:3]) != tuple(masks.shape[1:3]):
+            raise ValueError(
+                f"{type(layer).__name__} returned images of shape "
+                f"{tuple(images.shape)} but masks of shape {tuple(masks.shape)} "
+                f"(training={training}); the layer did not move the masks with the "
+                "images"
+            )
+    return images, ops.cast(masks[..., 0], dtype)
+
+
+def _transform_masks_nearest(layer, masks, transformation, training: bool):
+    """``layer.transform_segmentation_masks`` with nearest-neighbour resampling."""
+    interpolation = getattr(layer, "interpolation", "nearest")
+    if interpolation == "nearest":
+        return layer.transform_segmentation_masks(masks, transformation, training)
+    layer.interpolation = "nearest"
+    try:
+        return layer.transform_segmentation_masks(masks, transformation, training)
+    finally:
+        layer.interpolation = interpolation

@@ -1,13 +1,16 @@
 """The book's structure against its single sources of truth: _config.yml (the
 repository URL), _toc.yml (the chapters), references.bib and the glossary."""
 
+import ast
 import json
 import re
 import subprocess
 import sys
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +37,70 @@ def load(path):
 
 def first_code_cell(nb):
     return next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def chapter_imports(nb):
+    """Top-level names of the modules a notebook's code cells import."""
+    names = set()
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        lines = "".join(cell["source"]).splitlines()
+        code = "\n".join(x for x in lines if not x.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in {
+                "__import__",
+                "import_module",
+            }:
+                raise AssertionError(f"dynamic import: {ast.unparse(node)}")
+    return names
+
+
+def runtime_modules():
+    """What a reader's machine is sure to have: the standard library, mtl_utils,
+    the modules of its runtime dependencies (pyproject.toml's `dependencies`, not
+    the extras) and TensorFlow (Colab's own, or the `cpu` extra)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dists = {"tensorflow", "tensorflow-cpu"} | {
+        re.match(r"[A-Za-z0-9_.-]+", dep).group(0).lower().replace("_", "-")
+        for dep in project["dependencies"]
+    }
+    modules = {
+        module
+        for module, owners in packages_distributions().items()
+        if any(owner.lower().replace("_", "-") in dists for owner in owners)
+    }
+    return set(sys.stdlib_module_names) | modules | {"mtl_utils", "tensorflow"}
+
+
+def test_chapter_imports_are_found_by_ast():
+    nb = {
+        "cells": [
+            {"cell_type": "markdown", "source": ["import myst_nb"]},
+            {
+                "cell_type": "code",
+                "source": ["%matplotlib inline\nimport os.path as p, sys\n"],
+            },
+            {"cell_type": "code", "source": ["from myst_nb import glue\n"]},
+        ]
+    }
+    assert chapter_imports(nb) == {"os", "sys", "myst_nb"}
+    assert {"numpy", "keras", "matplotlib", "pandas", "tensorflow"} <= runtime_modules()
+    assert not {"myst_nb", "nbval", "sklearn", "yaml"} & runtime_modules()
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_imports_only_what_mtl_utils_installs(path):
+    """A chapter runs in Colab, where no book tooling (myst-nb, jupyter-book) is."""
+    extra = chapter_imports(load(path)) - runtime_modules()
+    assert not extra, (
+        f"{path.name} imports {sorted(extra)}, which pip install mtl_utils does not "
+        "install; use mtl_utils.book (e.g. its glue) or add a runtime dependency"
+    )
 
 
 def test_every_toc_entry_exists_and_every_chapter_is_in_the_toc():

@@ -1,0 +1,114 @@
+"""Execute chapters top to bottom in a fresh kernel, as a reader in Colab would.
+
+Run by ``.ci/colab_stack.sh`` with the Colab-like environment's Python. Each
+chapter runs in a new kernel of this interpreter, with the working directory
+``book/`` and none of the variables the Makefile exports (the setup cell has to set
+them, as it does in Colab). A chapter fails on any error, and on any output to
+stderr in a code cell other than its setup cell (the first code cell): in Colab that
+is red text under the cell, such as a warning the chapter does not explain.
+
+Usage: ``python .ci/colab_chapters.py [NOTEBOOK ...]`` (default: every chapter).
+Prints one line per chapter with its wall time; exits 1 if any chapter failed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+CELL_TIMEOUT = 900  # seconds, as nbval's --nbval-cell-timeout in pyproject.toml
+BOOK_TOOLING = ("myst_nb", "jupyter_book", "nbval")
+MADE_BY_MAKEFILE = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "KERAS_BACKEND")
+QUIET_KERNEL = {"PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # debugpy notice at start
+
+
+def first_lines(text: str, n: int = 6) -> str:
+    lines = text.strip().splitlines()
+    more = f"\n      ... ({len(lines) - n} more lines)" if len(lines) > n else ""
+    return "\n".join("      " + line for line in lines[:n]) + more
+
+
+def stderr_problems(nb) -> list[str]:
+    """Cells other than the setup cell that wrote to stderr."""
+    code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    problems = []
+    for i, cell in code[1:]:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                problems.append(
+                    f"  cell {i} (id {cell.get('id')}) wrote to stderr:\n"
+                    + first_lines(out["text"])
+                )
+    return problems
+
+
+def run_chapter(path: Path) -> list[str]:
+    """Execute one notebook; return its problems (empty when it passed)."""
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "book")}},
+    )
+    problems = []
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        failed = next(
+            (
+                (i, c)
+                for i, c in enumerate(nb.cells)
+                if c.cell_type == "code"
+                and any(o.get("output_type") == "error" for o in c.get("outputs", []))
+            ),
+            (None, None),
+        )
+        index, cell = failed
+        error = next(
+            (o for o in (cell or {}).get("outputs", []) if o["output_type"] == "error"),
+            None,
+        )
+        where = f"cell {index} (id {cell.get('id')})" if cell else "a cell"
+        what = f"{error['ename']}: {error['evalue']}" if error else str(err)[-500:]
+        problems.append(f"  {where} raised {what}")
+    problems += stderr_problems(nb)
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    tooling = [m for m in BOOK_TOOLING if importlib.util.find_spec(m) is not None]
+    if tooling:
+        print(f"book tooling installed here ({', '.join(tooling)}); Colab has none")
+        return 2
+    for name in MADE_BY_MAKEFILE:
+        os.environ.pop(name, None)
+    os.environ.update(QUIET_KERNEL)
+    paths = [Path(a) for a in argv] or CHAPTERS
+    failed = 0
+    start = time.perf_counter()
+    for path in paths:
+        t0 = time.perf_counter()
+        problems = run_chapter(path)
+        status = "FAILED" if problems else "passed"
+        print(f"{path.name}: {status} in {time.perf_counter() - t0:.0f} s", flush=True)
+        for problem in problems:
+            print(problem, flush=True)
+        failed += bool(problems)
+    total = time.perf_counter() - start
+    print(f"{len(paths)} chapters in {total:.0f} s")
+    print(f"chapters: {len(paths) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
