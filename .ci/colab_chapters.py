@@ -8,6 +8,8 @@ stderr in a code cell other than its setup cell (the first code cell): in Colab 
 is red text under the cell, such as a warning the chapter does not explain.
 
 Usage: ``python .ci/colab_chapters.py [NOTEBOOK ...]`` (default: every chapter).
+With ``COLAB_SAVE_DIR`` set, each executed notebook is written there (to read its
+outputs on this stack).
 Prints one line per chapter with its wall time; exits 1 if any chapter failed.
 """
 
@@ -82,6 +84,8 @@ def run_chapter(path: Path) -> list[str]:
         what = f"{error['ename']}: {error['evalue']}" if error else str(err)[-500:]
         problems.append(f"  {where} raised {what}")
     problems += stderr_problems(nb)
+    if os.environ.get("COLAB_SAVE_DIR"):
+        nbformat.write(nb, Path(os.environ["COLAB_SAVE_DIR"]) / path.name)
     return problems
 
 
