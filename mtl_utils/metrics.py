@@ -214,6 +214,11 @@ class TaskMetrics:
             keep = np.asarray(target) != -1
             self._parts.append((pred[keep] == np.asarray(target)[keep]).astype(float))
 
+    @property
+    def confusion(self) -> np.ndarray:
+        """Segmentation: the confusion matrix so far (true class x predicted)."""
+        return self._cm.copy()
+
     def result(self) -> dict[str, float]:
         """The task's metrics over everything seen so far."""
         kind = self.task.kind
@@ -228,11 +233,28 @@ class TaskMetrics:
         return {"accuracy": _mean(parts.reshape(-1))}
 
 
-def evaluate(model, dataset, tasks: Iterable[Task]) -> dict[str, dict[str, float]]:
+def class_iou(cm: np.ndarray) -> np.ndarray:
+    """Intersection over union of every class of a confusion matrix (NaN if absent).
+
+    ``cm[i, j]`` counts pixels of true class ``i`` predicted as ``j``
+    (:func:`confusion_matrix`); the mean of the finite entries is ``miou``.
+    """
+    cm = np.asarray(cm, np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    out = np.full(len(tp), np.nan)
+    np.divide(tp, union, out=out, where=union > 0)
+    return out
+
+
+def evaluate(
+    model, dataset, tasks: Iterable[Task], per_class: bool = False
+) -> dict[str, dict[str, float]]:
     """Metrics of ``model`` over ``dataset`` (``(image, {task: target})`` batches).
 
     ``model(image, training=False)`` must return a dict keyed by task name.
-    Returns ``{task: {metric: value}}``.
+    Returns ``{task: {metric: value}}``; with ``per_class``, segmentation tasks
+    also get ``"iou_<k>"``, the IoU of class ``k`` (:func:`class_iou`).
     """
     tasks = list(tasks)
     acc = {t.name: TaskMetrics(t) for t in tasks}
@@ -246,7 +268,13 @@ def evaluate(model, dataset, tasks: Iterable[Task]) -> dict[str, dict[str, float
             )
         for t in tasks:
             acc[t.name].update(np.asarray(targets[t.name]), np.asarray(outputs[t.name]))
-    return {name: a.result() for name, a in acc.items()}
+    out = {name: a.result() for name, a in acc.items()}
+    if per_class:
+        for t in tasks:
+            if t.kind == "segmentation":
+                ious = class_iou(acc[t.name].confusion)
+                out[t.name].update({f"iou_{k}": float(v) for k, v in enumerate(ious)})
+    return out
 
 
 def delta_m(

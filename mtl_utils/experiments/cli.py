@@ -40,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="results folder")
     p.add_argument(
+        "--config",
+        default=None,
+        metavar="PLAN.json",
+        help="a plan file (book/experiments/*.json): its setting and runs replace "
+        "the options below; trained in stages by --workers processes",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes for --config runs"
+    )
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
         "--architectures", nargs="+", default=["single_task", "hard_sharing"]
     )
     p.add_argument("--strategies", nargs="+", default=["equal"])
@@ -144,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.config is not None:
+        return _main_plan(args)
     config = config_from_args(args)
     verbose = 0 if args.quiet else (2 if args.epoch_log else 1)
     results = run_experiments(
@@ -157,6 +170,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verbose:
         print(format_summary(summary).to_string())
         print(f"wrote {Path(args.output).resolve()}")
+    return 0
+
+
+def _main_plan(args: argparse.Namespace) -> int:
+    from mtl_utils.experiments.plan import load_plan, run_plan, work
+
+    plan = load_plan(args.config)
+    kernels = plan.setting.get("kernels")
+    if kernels is not None:  # read by TensorFlow when it is imported
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if kernels == "onednn" else "0"
+    if args.worker is not None:
+        work(args.config, args.output, args.worker)
+        return 0
+    log = (lambda line: None) if args.quiet else (lambda s: print(s, flush=True))
+    run_plan(args.config, args.output, workers=args.workers, log=log)
+    log(f"wrote {Path(args.output).resolve()}")
     return 0
 
 

@@ -16,6 +16,9 @@ NO_STRATEGY = "none"
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 _ID_COLUMNS = ("architecture", "strategy", "seed", "learning_rate")
+LR_SCHEDULES = ("constant", "cosine")
+#: CPU kernel sets, as ``TF_ENABLE_ONEDNN_OPTS`` chooses them.
+KERNELS = ("onednn", "eigen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +149,20 @@ class ExperimentConfig:
     baseline_learning_rate:
         Learning rate of the single-task runs used as Δm baselines; ``None``
         when all single-task runs share one learning rate.
+    layout:
+        Object layout of the rendered scenes (:data:`mtl_utils.data.scenes.LAYOUTS`).
+    lr_schedule:
+        ``"constant"`` (Adam at the run's learning rate) or ``"cosine"`` (the
+        learning rate falls from the run's value to 0 over all updates along a
+        half cosine, so the networks end at rest and seeds scatter less).
+    threads:
+        TensorFlow intra- and inter-op threads of the process (``None``: its
+        default). One thread makes every run bit-reproducible on a CPU and lets
+        several runs train side by side (``workers`` of :func:`run_plan`).
+    kernels:
+        ``"onednn"`` or ``"eigen"``: the CPU kernels the results were made with
+        (``TF_ENABLE_ONEDNN_OPTS``, read when TensorFlow is imported); ``None``
+        does not check.
     init_output_bias:
         Start every depth output at the mean training depth (its bias), as one
         initialises a regression output at the target mean; otherwise a
@@ -171,6 +188,10 @@ class ExperimentConfig:
     missing: Mapping[str, float] = dataclasses.field(default_factory=dict)
     baseline_learning_rate: float | None = None
     init_output_bias: bool = True
+    layout: str = "default"
+    lr_schedule: str = "constant"
+    threads: int | None = None
+    kernels: str | None = None
 
     def __post_init__(self) -> None:
         self.runs = tuple(self.runs)
@@ -193,6 +214,28 @@ class ExperimentConfig:
         if self.schedule not in ("joint", "alternating"):
             raise ValueError(
                 f"schedule={self.schedule!r}; expected 'joint' or 'alternating'"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule={self.lr_schedule!r}; expected one of {LR_SCHEDULES}"
+            )
+        if self.kernels not in (None, *KERNELS):
+            raise ValueError(
+                f"kernels={self.kernels!r}; expected None or one of {KERNELS}"
+            )
+        if self.threads is not None and (
+            isinstance(self.threads, bool)
+            or not isinstance(self.threads, int)
+            or self.threads < 1
+        ):
+            raise ValueError(
+                f"threads must be None or an integer >= 1; received {self.threads!r}"
+            )
+        from mtl_utils.data.scenes import LAYOUTS
+
+        if self.layout not in LAYOUTS:
+            raise ValueError(
+                f"unknown layout {self.layout!r}; expected one of {sorted(LAYOUTS)}"
             )
         for task, fraction in self.missing.items():
             if task not in self.tasks:

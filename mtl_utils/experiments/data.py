@@ -63,11 +63,16 @@ def load_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
     if config.nyuv2 is None:
         from mtl_utils.data.scenes import render_scenes
 
-        size, seed = config.image_size, config.data_seed
+        size, seed, layout = config.image_size, config.data_seed, config.layout
         splits = {
-            "train": render_scenes(config.num_train or 0, size=size, seed=seed),
-            "val": render_scenes(config.num_val or 0, size=size, seed=seed + 1),
-            "test": render_scenes(config.num_test or 0, size=size, seed=seed + 2),
+            split: render_scenes(n or 0, size=size, seed=seed + i, layout=layout)
+            for i, (split, n) in enumerate(
+                [
+                    ("train", config.num_train),
+                    ("val", config.num_val),
+                    ("test", config.num_test),
+                ]
+            )
         }
     else:
         from mtl_utils.data.nyuv2 import load_nyuv2

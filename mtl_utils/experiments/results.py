@@ -38,6 +38,32 @@ def _read_results(path: Path, config: ExperimentConfig) -> dict[str, dict]:
     return {_key_of(row): row for row in stored.get("runs", [])}
 
 
+def _record_files(out: Path) -> list[Path]:
+    return sorted((Path(out) / "runs").glob("*.json"))
+
+
+def read_run_records(out: str | os.PathLike, config: ExperimentConfig) -> dict:
+    """The runs recorded one file each in ``out/runs/`` for ``config``'s setting."""
+    setting = json.loads(json.dumps(config.setting()))
+    rows = {}
+    for path in _record_files(Path(out)):
+        try:
+            stored = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"run record {path} is unreadable ({err}); delete it to train that "
+                "run again"
+            ) from err
+        if stored.get("setting") != setting:
+            raise ValueError(
+                f"run record {path} was written with a different setting; expected "
+                "the setting of this experiment. Use another output folder, or "
+                "restart=True (--restart) to discard it"
+            )
+        rows[_key_of(stored["row"])] = stored["row"]
+    return rows
+
+
 def _key_of(row: Mapping[str, Any]) -> str:
     return Run(
         row["architecture"], row["strategy"], int(row["seed"]), row["learning_rate"]
@@ -70,7 +96,12 @@ def _atomic_write(path: Path, text: str) -> None:
 def _frame(rows: Sequence[Mapping[str, Any]]):
     import pandas as pd
 
-    return pd.DataFrame([{k: v for k, v in r.items() if k != "history"} for r in rows])
+    return pd.DataFrame(
+        [{k: v for k, v in r.items() if k not in _NOT_COLUMNS} for r in rows]
+    )
+
+
+_NOT_COLUMNS = ("history", "environment")
 
 
 def load_results(path: str | os.PathLike):
@@ -137,6 +168,8 @@ def add_delta_m(
     * ``val_delta_m``: validation metrics against the seed-averaged
       validation metrics of the single-task runs, used to choose learning
       rates (:func:`summarise`).
+    * ``delta_<task>``: the Δ of one task's metrics alone (test, against the
+      seed-averaged baseline): where Δm comes from.
 
     Parameters
     ----------
@@ -145,15 +178,16 @@ def add_delta_m(
     tasks:
         Tasks whose metrics count (default: every ``"<task>/<metric>"`` column).
     baseline_learning_rate:
-        Learning rate of the baseline runs, when single-task runs were trained
-        with several.
+        Which single-task runs are the baseline, when they were trained with
+        several learning rates: one rate, ``{task: rate}``, or ``"tuned"`` (each
+        task's rate chosen on validation, :func:`tune_single_task_rates`).
     strict:
         Raise when there are no single-task runs; else leave Δm NaN.
 
     Returns
     -------
     pandas.DataFrame
-        A copy of ``results`` with the three columns.
+        A copy of ``results`` with the Δ columns.
     """
     from mtl_utils.metrics import delta_m
 
@@ -161,16 +195,10 @@ def add_delta_m(
     layout = _metric_columns(table)
     if tasks is not None:
         layout = {t.name: list(t.metrics) for t in tasks}
-    base = table[table["architecture"] == SINGLE_TASK]
-    rates = sorted(set(base["learning_rate"])) if len(base) else []
-    if baseline_learning_rate is not None:
-        base = base[np.isclose(base["learning_rate"], baseline_learning_rate)]
-    elif len(rates) > 1:
-        raise ValueError(
-            f"single-task runs use learning rates {rates}; pass "
-            "baseline_learning_rate to choose the baseline"
-        )
-    for column in ("delta_m", "delta_m_same_seed", "val_delta_m"):
+    base = single_task_baseline(table, baseline_learning_rate, layout)
+    columns = ["delta_m", "delta_m_same_seed", "val_delta_m"]
+    columns += [f"delta_{t}" for t in layout]
+    for column in columns:
         table[column] = np.nan
     if not len(base):
         if strict:
@@ -189,12 +217,107 @@ def add_delta_m(
     )
     for i, row in table.iterrows():
         test = _nested(row, layout, "")
-        table.loc[i, "delta_m"] = delta_m(test, mean_base)
-        table.loc[i, "val_delta_m"] = delta_m(_nested(row, layout, "val/"), mean_val)
+        table.loc[i, "delta_m"] = delta_m(test, mean_base, strict=strict)
+        table.loc[i, "val_delta_m"] = delta_m(
+            _nested(row, layout, "val/"), mean_val, strict=strict
+        )
+        for t in layout:
+            table.loc[i, f"delta_{t}"] = delta_m(
+                {t: test[t]}, {t: mean_base[t]}, strict=strict
+            )
         same = by_seed.get(int(row["seed"]))
         if same is not None:
-            table.loc[i, "delta_m_same_seed"] = delta_m(test, _nested(same, layout, ""))
+            table.loc[i, "delta_m_same_seed"] = delta_m(
+                test, _nested(same, layout, ""), strict=strict
+            )
     return table
+
+
+def tune_single_task_rates(results, tasks: Sequence[Task] | None = None) -> dict:
+    """Each task's single-task learning rate, chosen on the validation set.
+
+    For every task, the rate whose seed-averaged validation metrics of that
+    task have the lowest Δ (:func:`mtl_utils.metrics.delta_m`) against the
+    average over all rates. Test metrics are not looked at.
+
+    Returns
+    -------
+    dict
+        ``{task: learning_rate}``.
+    """
+    from mtl_utils.metrics import delta_m
+
+    layout = _metric_columns(results)
+    if tasks is not None:
+        layout = {t.name: list(t.metrics) for t in tasks}
+    base = results[results["architecture"] == SINGLE_TASK]
+    if not len(base):
+        raise ValueError("no single-task runs to tune; expected architecture rows")
+    groups = dict(list(base.groupby("learning_rate")))
+    chosen = {}
+    for t, metrics in layout.items():
+        val = {
+            lr: {t: {m: float(g[f"val/{t}/{m}"].mean()) for m in metrics}}
+            for lr, g in groups.items()
+        }
+        mean = {
+            t: {m: float(np.mean([v[t][m] for v in val.values()])) for m in metrics}
+        }
+        chosen[t] = float(min(val, key=lambda lr: delta_m(val[lr], mean)))
+    return chosen
+
+
+def single_task_baseline(results, baseline_learning_rate=None, layout=None):
+    """The single-task runs that are the Δm baseline: one row per seed.
+
+    ``baseline_learning_rate``: ``None`` (the single-task runs use one rate), a
+    rate, ``{task: rate}`` or ``"tuned"`` (:func:`tune_single_task_rates`). With
+    a rate per task, a seed's row takes each task's metrics from that task's
+    network trained at that task's rate (``learning_rate`` is then NaN).
+    """
+    import pandas as pd
+
+    base = results[results["architecture"] == SINGLE_TASK]
+    if layout is None:
+        layout = _metric_columns(results)
+    rates = sorted(set(base["learning_rate"])) if len(base) else []
+    if isinstance(baseline_learning_rate, str):
+        if baseline_learning_rate != "tuned":
+            raise ValueError(
+                f"baseline_learning_rate={baseline_learning_rate!r}; expected a "
+                "number, a {task: rate} dict or 'tuned'"
+            )
+        baseline_learning_rate = tune_single_task_rates(base) if len(base) else None
+    if baseline_learning_rate is None:
+        if len(rates) > 1:
+            raise ValueError(
+                f"single-task runs use learning rates {rates}; pass "
+                "baseline_learning_rate to choose the baseline"
+            )
+        return base
+    if not isinstance(baseline_learning_rate, Mapping):
+        return base[np.isclose(base["learning_rate"], baseline_learning_rate)]
+    missing = [t for t in layout if t not in baseline_learning_rate]
+    if missing:
+        raise ValueError(
+            f"baseline_learning_rate has no rate for task(s) {missing}; expected "
+            f"one per task of {list(layout)}"
+        )
+    rows = []
+    for seed in sorted(set(base["seed"])):
+        row = {"architecture": SINGLE_TASK, "strategy": "none", "seed": int(seed)}
+        row["learning_rate"] = np.nan
+        for t in layout:
+            lr = baseline_learning_rate[t]
+            pick = base[(base["seed"] == seed) & np.isclose(base["learning_rate"], lr)]
+            if len(pick) != 1:
+                break
+            for column in base.columns:
+                if column.startswith((f"{t}/", f"val/{t}/")):
+                    row[column] = pick.iloc[0][column]
+        else:
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def summarise(

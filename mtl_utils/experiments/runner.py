@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,13 @@ from mtl_utils.experiments.data import _epoch_dataset, experiment_tasks, load_da
 from mtl_utils.experiments.results import (
     RESULTS_CSV,
     RESULTS_JSON,
+    _atomic_write,
     _frame,
     _read_results,
+    _record_files,
     _write_results,
     add_delta_m,
+    read_run_records,
 )
 from mtl_utils.tasks import Task
 
@@ -98,6 +103,52 @@ def make_strategy(name: str, seed: int = 0):
     return weighting.get(name)
 
 
+def cosine_to_zero(peak: float, steps: int):
+    """Learning rate ``peak * (1 + cos(pi * t / steps)) / 2`` at update ``t``.
+
+    A ``keras.optimizers.schedules.LearningRateSchedule`` that falls from
+    ``peak`` at the first update to 0 after ``steps`` updates (and stays 0).
+    Its ``peak`` is a variable, so a traced training step follows a new peak
+    set with ``schedule.peak.assign(value)``.
+    """
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1; received {steps!r}")
+    return _cosine_class()(peak, steps)
+
+
+@functools.cache
+def _cosine_class():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="mtl_utils")
+    class CosineToZero(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, peak: float, steps: int):
+            self.peak = keras.Variable(
+                float(peak), trainable=False, dtype="float32", name="peak_lr"
+            )
+            self.steps = int(steps)
+
+        def __call__(self, step):
+            from keras import ops
+
+            t = ops.minimum(ops.cast(step, "float32"), float(self.steps))
+            return self.peak * 0.5 * (1.0 + ops.cos(math.pi * t / self.steps))
+
+        def get_config(self):
+            return {"peak": float(self.peak.numpy()), "steps": self.steps}
+
+    return CosineToZero
+
+
+def _set_learning_rate(optimizer, value: float) -> None:
+    """Set an optimizer's (peak) learning rate, whether constant or cosine."""
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if isinstance(schedule, _cosine_class()):
+        schedule.peak.assign(value)
+    else:
+        optimizer.learning_rate = value
+
+
 class _Trainable:
     """A compiled model, its strategy, and its state right after compiling.
 
@@ -106,11 +157,16 @@ class _Trainable:
     runs exactly as freshly built ones would.
     """
 
-    def __init__(self, model, strategy, tasks, learning_rate: float):
+    def __init__(
+        self, model, strategy, tasks, learning_rate: float, cosine_steps: int = 0
+    ):
         import keras
 
+        rate: Any = learning_rate
+        if cosine_steps:
+            rate = cosine_to_zero(learning_rate, cosine_steps)
         model.compile(
-            keras.optimizers.Adam(learning_rate), losses=list(tasks), weighting=strategy
+            keras.optimizers.Adam(rate), losses=list(tasks), weighting=strategy
         )
         self.model, self.strategy, self.tasks = model, strategy, list(tasks)
         self.strategy_vars = strategy.state_variables()
@@ -130,22 +186,39 @@ class _Trainable:
         for gen in self.generators:
             gen.state.assign(np.array([run.seed, 0], dtype=gen.state.dtype))
         for opt in [self.model.optimizer, *self.strategy_optimizers]:
-            opt.learning_rate = run.learning_rate
+            _set_learning_rate(opt, run.learning_rate)
 
     # -- checkpoints ---------------------------------------------------------------
-    def save(self, path: Path, epoch: int, logs: list[dict]) -> None:
+    def save(self, path: Path, epoch: int, logs: list[dict], owner: dict) -> None:
         arrays = [*self.model.get_weights(), *(v.numpy() for v in self.state_vars)]
-        meta = json.dumps({"epoch": epoch, "logs": logs, "count": len(arrays)})
+        meta = json.dumps(
+            {"epoch": epoch, "logs": logs, "count": len(arrays), "owner": owner}
+        )
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(
             tmp, meta=np.array(meta), **{f"a{i:05d}": a for i, a in enumerate(arrays)}
         )
         os.replace(tmp, path)
 
-    def restore(self, path: Path) -> tuple[int, list[dict]]:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            arrays = [f[f"a{i:05d}"] for i in range(meta["count"])]
+    def restore(self, path: Path, owner: dict) -> tuple[int, list[dict]]:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                arrays = [f[f"a{i:05d}"] for i in range(meta["count"])]
+        except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as err:
+            raise ValueError(
+                f"checkpoint {path} is unreadable ({err}); delete it to restart "
+                "this run (or restart=True / --restart)"
+            ) from err
+        owner = json.loads(json.dumps(owner))
+        if meta.get("owner") != owner:
+            old = meta.get("owner") or {}
+            differ = sorted(k for k in set(old) | set(owner) if old.get(k) != owner[k])
+            raise ValueError(
+                f"checkpoint {path} belongs to another run or setting (differing: "
+                f"{differ}); delete it to restart this run (or restart=True / "
+                "--restart)"
+            )
         num_weights = len(self.model.weights)
         if len(arrays) != num_weights + len(self.state_vars):
             raise ValueError(
@@ -193,11 +266,25 @@ class _Runner:
         weights = fresh.get_weights()
         if key not in self.cache:
             self.cache[key] = _Trainable(
-                fresh, make_strategy(strategy_name, run.seed), tasks, run.learning_rate
+                fresh,
+                make_strategy(strategy_name, run.seed),
+                tasks,
+                run.learning_rate,
+                cosine_steps=self.total_updates(tasks)
+                if self.config.lr_schedule == "cosine"
+                else 0,
             )
         trainable = self.cache[key]
         trainable.reset(weights, run)
         return trainable
+
+    def total_updates(self, tasks: Sequence[Task]) -> int:
+        """Updates of one network over all epochs (the cosine schedule's length)."""
+        config = self.config
+        per_epoch = math.ceil(len(self.data["train"]["image"]) / config.batch_size)
+        if config.schedule == "alternating" and len(tasks) > 1:
+            per_epoch *= len(tasks)
+        return per_epoch * config.epochs
 
     def evict(self, keep: Iterable[tuple]) -> None:
         keep = set(keep)
@@ -219,9 +306,12 @@ class _Runner:
         trainable = self._trainable(run.architecture, strategy, tasks, run)
         model = trainable.model
         checkpoint = self._checkpoint(run, part)
+        owner = {"setting": config.setting(), "run": run.key, "part": part}
+        batch = max(config.batch_size, 64)
+        val = _eval_dataset(self.data["val"], tasks, batch)
         start, logs = 0, []
         if checkpoint is not None and checkpoint.exists():
-            start, logs = trainable.restore(checkpoint)
+            start, logs = trainable.restore(checkpoint, owner)
             if self.verbose:
                 self.log(f"    {part}: resumed after epoch {start} from {checkpoint}")
         diverged = None
@@ -239,6 +329,8 @@ class _Runner:
             )
             seconds += time.perf_counter() - t0
             epoch_logs = {k: float(v[-1]) for k, v in history.history.items()}
+            for name, values in evaluate(model, val, tasks).items():
+                epoch_logs.update({f"val/{name}/{m}": v for m, v in values.items()})
             logs.append(epoch_logs)
             if self.verbose >= 2:
                 losses = ", ".join(
@@ -252,17 +344,15 @@ class _Runner:
                 )
             if checkpoint is not None:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                trainable.save(checkpoint, epoch + 1, logs)
+                trainable.save(checkpoint, epoch + 1, logs, owner)
             if model.nan_loss_message:
                 diverged = model.nan_loss_message
                 break
-        batch = max(config.batch_size, 64)
         result = {"logs": logs, "seconds": seconds, "diverged": diverged}
         result["model"] = model
-        for split in ("val", "test"):
-            result[split] = evaluate(
-                model, _eval_dataset(self.data[split], tasks, batch), tasks
-            )
+        result["val"] = evaluate(model, val, tasks, per_class=True)
+        test = _eval_dataset(self.data["test"], tasks, batch)
+        result["test"] = evaluate(model, test, tasks, per_class=True)
         return result
 
 
@@ -270,6 +360,74 @@ def _eval_dataset(arrays, tasks, batch_size):
     from mtl_utils.data.pipeline import make_dataset
 
     return make_dataset(arrays, tasks, batch_size=batch_size, shuffle=False)
+
+
+def _configure_tensorflow(config: ExperimentConfig) -> None:
+    """Apply ``config.kernels`` and ``config.threads`` (or say why it cannot)."""
+    import sys
+
+    if config.kernels is not None:
+        wanted = "1" if config.kernels == "onednn" else "0"
+        current = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+        if current != wanted:
+            if "tensorflow" in sys.modules:
+                raise ValueError(
+                    f"the experiment needs kernels={config.kernels!r} "
+                    f"(TF_ENABLE_ONEDNN_OPTS={wanted}), but TensorFlow was imported "
+                    f"with TF_ENABLE_ONEDNN_OPTS={current!r}; set it before "
+                    "importing TensorFlow, or use the command line, which does"
+                )
+            os.environ["TF_ENABLE_ONEDNN_OPTS"] = wanted
+    if config.threads is None:
+        return
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    now = (
+        threading.get_intra_op_parallelism_threads(),
+        threading.get_inter_op_parallelism_threads(),
+    )
+    if now == (config.threads, config.threads):
+        return
+    try:
+        threading.set_intra_op_parallelism_threads(config.threads)
+        threading.set_inter_op_parallelism_threads(config.threads)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the experiment needs threads={config.threads}, but TensorFlow has "
+            f"already started with (intra, inter) = {now}; run it in a fresh "
+            "process (the command line does)"
+        ) from err
+
+
+def _environment() -> dict[str, str]:
+    """Versions and CPU settings a run was made with (recorded with its row)."""
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    from mtl_utils import __version__
+
+    return {
+        "mtl_utils": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", ""),
+        "machine": platform.machine(),
+    }
+
+
+def _write_run_record(out: Path, config: ExperimentConfig, row: Mapping) -> None:
+    folder = out / "runs"
+    folder.mkdir(exist_ok=True)
+    name = Run(
+        row["architecture"], row["strategy"], row["seed"], row["learning_rate"]
+    ).key.replace("/", "__")
+    payload = {"setting": config.setting(), "row": dict(row)}
+    _atomic_write(folder / f"{name}.json", json.dumps(payload))
 
 
 def _row(run: Run, parts: Mapping[str, dict], tasks: Sequence[Task], epochs: int):
@@ -290,6 +448,10 @@ def _row(run: Run, parts: Mapping[str, dict], tasks: Sequence[Task], epochs: int
     for t in tasks:
         for metric in t.metrics:
             row[f"val/{t.name}/{metric}"] = float(merged["val"][t.name][metric])
+    for split, prefix in (("test", ""), ("val", "val/")):
+        for t in tasks:
+            extra = {m: v for m, v in merged[split][t.name].items() if m[:4] == "iou_"}
+            row.update({f"{prefix}{t.name}/{m}": float(v) for m, v in extra.items()})
     history: dict[str, list[float]] = {}
     for part_name, part in parts.items():
         prefix = "" if part_name == "all" else f"{part_name}/"
@@ -317,6 +479,7 @@ def run_experiments(
     data: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     return_history: bool = False,
     on_run_end: Callable[[Run, dict[str, Any]], None] | None = None,
+    claim: Callable[[Run], bool] | None = None,
 ):
     """Train every run of ``config`` that is not finished; return the results.
 
@@ -348,6 +511,12 @@ def run_experiments(
         its trained networks ``{"all": model}`` (or ``{task: model}`` for a
         single-task run), e.g. to keep predictions; the networks are reused by
         the next run of the same strategy, so keep copies, not references.
+    claim:
+        Several processes sharing ``output_dir``: ``claim(run)`` says whether
+        this process trains ``run`` (see :func:`mtl_utils.experiments.plan.run_plan`).
+        Each finished run is recorded in ``runs/``; only the runs this process
+        found finished or trained are returned, and ``results.json`` is left to
+        the process that gathers them.
 
     Returns
     -------
@@ -360,6 +529,7 @@ def run_experiments(
         :func:`add_delta_m`.
     """
     tasks = experiment_tasks(config)
+    _configure_tensorflow(config)
     out = None
     rows: dict[str, dict] = {}
     if output_dir is not None:
@@ -368,10 +538,12 @@ def run_experiments(
         if restart:
             for f in [out / RESULTS_JSON, out / RESULTS_CSV]:
                 f.unlink(missing_ok=True)
-            for f in (out / "checkpoints").glob("*.npz"):
+            for f in [*(out / "checkpoints").glob("*.npz"), *_record_files(out)]:
                 f.unlink()
         rows = _read_results(out / RESULTS_JSON, config)
+        rows.update(read_run_records(out, config))
     pending = [r for r in config.runs if r.key not in rows]
+    environment = _environment()
     if verbose and rows:
         done = len(config.runs) - len(pending)
         log(f"{done} of {len(config.runs)} runs already finished in {out}")
@@ -388,8 +560,11 @@ def run_experiments(
             runner.evict([group])
             for run in runs:
                 index += 1
+                if claim is not None and not claim(run):
+                    continue
                 if verbose:
                     log(f"[{index}/{len(pending)}] {run.key}")
+                started = time.perf_counter()
                 if run.architecture == SINGLE_TASK:
                     parts = {t.name: runner.train(run, [t], t.name) for t in tasks}
                 else:
@@ -397,9 +572,13 @@ def run_experiments(
                 if on_run_end is not None:
                     on_run_end(run, {k: p.pop("model") for k, p in parts.items()})
                 row = _row(run, parts, tasks, config.epochs)
+                row["wall_seconds"] = time.perf_counter() - started
+                row["environment"] = environment
                 rows[run.key] = row
                 if out is not None:
-                    _write_results(out, config, rows)
+                    _write_run_record(out, config, row)
+                    if claim is None:
+                        _write_results(out, config, rows)
                     for part in parts:
                         checkpoint = runner._checkpoint(run, part)
                         checkpoint.unlink(missing_ok=True)
@@ -407,7 +586,7 @@ def run_experiments(
                     status = f" DIVERGED: {row['diverged']}" if row["diverged"] else ""
                     log(f"    done in {row['seconds']:.1f} s{status}")
         runner.evict([])
-    ordered = [rows[r.key] for r in config.runs]
+    ordered = [rows[r.key] for r in config.runs if r.key in rows]
     table = _frame(ordered)
     table = add_delta_m(
         table, tasks, baseline_learning_rate=config.baseline_learning_rate, strict=False

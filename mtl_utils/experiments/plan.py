@@ -1,0 +1,362 @@
+"""Experiment plans: a grid described in one JSON file, run in stages by workers.
+
+A plan file (``book/experiments/<name>.json``) holds the shared setting
+(:class:`~mtl_utils.experiments.config.ExperimentConfig` fields), the seeds,
+the learning-rate grid and two lists of ``[architecture, strategy]`` pairs:
+
+* ``grid``: trained at every learning rate of the grid (the single-task
+  networks and equal weighting, whose rates are then chosen on validation);
+* ``around_tuned_equal``: trained at tuned equal weighting's rate and at the
+  neighbour in the grid where equal weighting did better on validation.
+
+:func:`run_plan` trains the first stage, chooses the rates, then trains the
+second stage, with ``workers`` processes side by side. Every finished run is
+recorded at once (``runs/`` in the output folder), so an interrupted plan
+started again continues where it stopped, and ``results.json`` gathers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtl_utils.experiments.config import SINGLE_TASK, ExperimentConfig, Run
+from mtl_utils.experiments.results import (
+    RESULTS_JSON,
+    _write_results,
+    add_delta_m,
+    read_run_records,
+)
+
+__all__ = [
+    "Plan",
+    "load_plan",
+    "run_plan",
+    "stage_runs",
+    "tuned_equal_rates",
+    "check_results_match_plan",
+    "reproduce_run",
+]
+
+_KEYS = ("setting", "seeds", "learning_rates", "grid", "around_tuned_equal")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A plan file, parsed (see the module docstring for its fields)."""
+
+    name: str
+    setting: Mapping[str, Any]
+    seeds: tuple[int, ...]
+    learning_rates: tuple[float, ...]
+    grid: tuple[tuple[str, str], ...]
+    around_tuned_equal: tuple[tuple[str, str], ...] = ()
+    workers: int = 1
+    description: str = ""
+
+    def config(self, runs: Sequence[Run] = ()) -> ExperimentConfig:
+        """The :class:`ExperimentConfig` of the plan's setting with ``runs``."""
+        return ExperimentConfig(runs=tuple(runs), **dict(self.setting))
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read and check a plan file; errors name the file and the bad field."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"plan file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"plan file {path} is not valid JSON: {err}") from err
+    missing = [k for k in _KEYS[:4] if k not in raw]
+    if missing:
+        raise ValueError(f"plan file {path} lacks field(s) {missing}")
+    known = {f.name for f in dataclasses.fields(Plan)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"plan file {path} has unknown field(s) {unknown}")
+    pairs = {}
+    for key in ("grid", "around_tuned_equal"):
+        items = raw.get(key, [])
+        if not all(isinstance(p, list) and len(p) == 2 for p in items):
+            raise ValueError(
+                f"plan file {path}: {key} must be a list of [architecture, "
+                f"strategy] pairs; received {items!r}"
+            )
+        pairs[key] = tuple(tuple(p) for p in items)
+    rates = tuple(float(r) for r in raw["learning_rates"])
+    if rates != tuple(sorted(rates)) or len(set(rates)) != len(rates):
+        raise ValueError(
+            f"plan file {path}: learning_rates must increase; received {rates}"
+        )
+    plan = Plan(
+        name=raw.get("name", path.stem),
+        setting=dict(raw["setting"]),
+        seeds=tuple(int(s) for s in raw["seeds"]),
+        learning_rates=rates,
+        grid=pairs["grid"],
+        around_tuned_equal=pairs["around_tuned_equal"],
+        workers=int(raw.get("workers", 1)),
+        description=raw.get("description", ""),
+    )
+    try:
+        plan.config()
+    except TypeError as err:
+        raise ValueError(f"plan file {path}: bad setting ({err})") from err
+    return plan
+
+
+def _runs(pairs, seeds, rates) -> list[Run]:
+    return [Run(a, s, seed, lr) for a, s in pairs for lr in rates for seed in seeds]
+
+
+def tuned_equal_rates(plan: Plan, rows: Mapping[str, Mapping]) -> tuple[float, float]:
+    """Tuned equal weighting's learning rate and its better grid neighbour.
+
+    Both are chosen on the validation Δm (against the single-task baseline
+    whose rates are tuned per task on validation), averaged over seeds.
+    """
+    from mtl_utils.experiments.results import _frame
+
+    table = add_delta_m(
+        _frame(list(rows.values())), baseline_learning_rate="tuned", strict=False
+    )
+    ew = table[
+        (table["architecture"] == "hard_sharing") & (table["strategy"] == "equal")
+    ]
+    val = {
+        lr: ew[np.isclose(ew["learning_rate"], lr)]["val_delta_m"].mean()
+        for lr in plan.learning_rates
+    }
+    if any(np.isnan(v) for v in val.values()):
+        raise ValueError(
+            f"equal weighting's validation Δm is missing at some rate ({val}); "
+            "the first stage is not finished"
+        )
+    rates = list(plan.learning_rates)
+    best = min(rates, key=lambda lr: val[lr])
+    i = rates.index(best)
+    neighbours = [rates[j] for j in (i - 1, i + 1) if 0 <= j < len(rates)]
+    return best, min(neighbours, key=lambda lr: val[lr])
+
+
+def stage_runs(plan: Plan, stage: int, rows: Mapping[str, Mapping]) -> list[Run]:
+    """The runs of stage 1 (the grid) or 2 (around tuned equal weighting)."""
+    if stage == 1:
+        return _runs(plan.grid, plan.seeds, plan.learning_rates)
+    if stage == 2:
+        if not plan.around_tuned_equal:
+            return []
+        return _runs(plan.around_tuned_equal, plan.seeds, tuned_equal_rates(plan, rows))
+    raise ValueError(f"stage must be 1 or 2; received {stage!r}")
+
+
+def _claims(out: Path) -> Path:
+    return out / "claims"
+
+
+def claim_run(out: Path) -> Callable[[Run], bool]:
+    """A ``claim`` for :func:`run_experiments`: first process to ask gets the run."""
+    folder = _claims(out)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def claim(run: Run) -> bool:
+        try:
+            fd = os.open(folder / run.key.replace("/", "__"), os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
+    return claim
+
+
+def _gather(plan: Plan, out: Path) -> dict[str, dict]:
+    rows = read_run_records(out, plan.config())
+    stored = out / RESULTS_JSON
+    if stored.exists():
+        for row in json.loads(stored.read_text()).get("runs", []):
+            key = Run(
+                row["architecture"], row["strategy"], row["seed"], row["learning_rate"]
+            ).key
+            rows.setdefault(key, row)
+    return rows
+
+
+def _write_all(plan: Plan, out: Path, rows: Mapping[str, dict]) -> None:
+    order = stage_runs(plan, 1, rows)
+    try:
+        order += stage_runs(plan, 2, rows)
+    except ValueError:
+        pass
+    config = plan.config(order)
+    _write_results(out, config, dict(rows))
+
+
+def run_plan(
+    plan_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    workers: int | None = None,
+    log: Callable[[str], None] = print,
+    poll_seconds: float = 30.0,
+) -> dict[str, dict]:
+    """Train every run of a plan not yet recorded in ``output_dir``, in stages.
+
+    Each stage starts ``workers`` processes (default: the plan's) of
+    ``python -m mtl_utils.experiments --config PLAN --output DIR --worker N``;
+    they take runs in turn, record each one when it finishes and resume
+    checkpointed ones. Progress is printed every ``poll_seconds``; worker logs
+    go to ``logs/`` in the output folder. Returns the finished runs by key and
+    writes ``results.json``/``results.csv``.
+    """
+    plan = load_plan(plan_path)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = plan.workers if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; received {workers}")
+    started = time.perf_counter()
+    for stage in (1, 2):
+        rows = _gather(plan, out)
+        runs = stage_runs(plan, stage, rows)
+        pending = [r for r in runs if r.key not in rows]
+        log(
+            f"stage {stage}: {len(runs) - len(pending)} of {len(runs)} runs "
+            f"finished; training {len(pending)} with {workers} worker(s)"
+        )
+        if not pending:
+            continue
+        for f in _claims(out).glob("*"):
+            f.unlink()
+        (out / "logs").mkdir(exist_ok=True)
+        procs = []
+        for w in range(workers):
+            cmd = [sys.executable, "-m", "mtl_utils.experiments", "--config"]
+            cmd += [str(plan_path), "--output", str(out), "--worker", str(stage)]
+            with open(out / "logs" / f"stage{stage}_worker{w}.log", "a") as f:
+                procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
+        while any(p.poll() is None for p in procs):
+            time.sleep(poll_seconds)
+            done = sum(r.key in read_run_records(out, plan.config()) for r in pending)
+            minutes = (time.perf_counter() - started) / 60
+            log(f"  stage {stage}: {done}/{len(pending)} runs, {minutes:.1f} min")
+        failed = [p.args for p in procs if p.returncode != 0]
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} worker(s) failed; see {out / 'logs'} (command: "
+                f"{' '.join(failed[0])})"
+            )
+        _write_all(plan, out, _gather(plan, out))
+    rows = _gather(plan, out)
+    _write_all(plan, out, rows)
+    return rows
+
+
+def work(plan_path: str | os.PathLike, output_dir: str | os.PathLike, stage: int):
+    """One worker of :func:`run_plan`: trains the stage's runs it can claim."""
+    from mtl_utils.experiments.runner import run_experiments
+
+    plan = load_plan(plan_path)
+    out = Path(output_dir)
+    runs = stage_runs(plan, stage, _gather(plan, out))
+    run_experiments(
+        plan.config(runs),
+        out,
+        verbose=2,
+        log=lambda line: print(line, flush=True),
+        claim=claim_run(out),
+    )
+
+
+def check_results_match_plan(plan_path: str | os.PathLike, results_dir) -> None:
+    """Raise ``ValueError`` unless the results were made with the plan's setting.
+
+    Compares the plan file's setting with the one recorded in
+    ``results.json``, field by field, and checks that every run the plan asks
+    for is recorded (the rates of its second stage chosen from the results).
+    """
+    plan = load_plan(plan_path)
+    path = Path(results_dir) / RESULTS_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"no results at {path}")
+    stored = json.loads(path.read_text())
+    recorded = stored.get("setting", {})
+    setting = json.loads(json.dumps(plan.config().setting()))
+    differ = sorted(
+        k for k in set(setting) | set(recorded) if setting.get(k) != recorded.get(k)
+    )
+    if differ:
+        detail = ", ".join(
+            f"{k}: plan {setting.get(k)!r} vs results {recorded.get(k)!r}"
+            for k in differ
+        )
+        raise ValueError(
+            f"{plan_path} differs from the setting recorded in {path}: {detail}"
+        )
+    rows = {
+        Run(r["architecture"], r["strategy"], r["seed"], r["learning_rate"]).key: r
+        for r in stored.get("runs", [])
+    }
+    wanted = stage_runs(plan, 1, rows) + stage_runs(plan, 2, rows)
+    missing = [r.key for r in wanted if r.key not in rows]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {len(missing)} run(s) of the plan, e.g. {missing[:3]}"
+        )
+
+
+def reproduce_run(plan_path, results_dir, key: str, part: str | None = None):
+    """Train one recorded run again from its plan; return (recorded, new) metrics.
+
+    ``key`` is a run key (``Run.key``); for a single-task run, ``part`` names
+    the task whose network is trained (default: all of them). Metrics are the
+    test and validation ones, ``{"<task>/<metric>": value}`` and
+    ``{"val/<task>/<metric>": value}``, for the tasks trained.
+    """
+    from mtl_utils.experiments.data import experiment_tasks, load_data
+    from mtl_utils.experiments.runner import _configure_tensorflow, _Runner
+
+    plan = load_plan(plan_path)
+    stored = json.loads((Path(results_dir) / RESULTS_JSON).read_text())
+    rows = {
+        Run(r["architecture"], r["strategy"], r["seed"], r["learning_rate"]).key: r
+        for r in stored["runs"]
+    }
+    if key not in rows:
+        raise ValueError(f"no run {key!r} in {results_dir}; it has {sorted(rows)[:5]}")
+    recorded = rows[key]
+    run = Run(
+        recorded["architecture"],
+        recorded["strategy"],
+        recorded["seed"],
+        recorded["learning_rate"],
+    )
+    config = plan.config([run])
+    _configure_tensorflow(config)
+    tasks = experiment_tasks(config)
+    runner = _Runner(config, load_data(config), tasks, None, 0, print, None)
+    if run.architecture == SINGLE_TASK:
+        chosen = [t for t in tasks if part in (None, t.name)]
+        if not chosen:
+            raise ValueError(
+                f"part {part!r} is not a task of {[t.name for t in tasks]}"
+            )
+        results = {t.name: runner.train(run, [t], t.name) for t in chosen}
+    else:
+        chosen, results = tasks, {"all": runner.train(run, tasks, "all")}
+    new = {}
+    for result in results.values():
+        for split, prefix in (("test", ""), ("val", "val/")):
+            for task, values in result[split].items():
+                new.update({f"{prefix}{task}/{m}": v for m, v in values.items()})
+    old = {k: recorded[k] for k in new if k in recorded}
+    return old, {k: new[k] for k in old}
