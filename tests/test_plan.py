@@ -1,0 +1,170 @@
+"""Tests of experiment plans (mtl_utils.experiments.plan) and tuned baselines."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtl_utils.experiments.config import Run
+from mtl_utils.experiments.plan import (
+    check_results_match_plan,
+    load_plan,
+    stage_runs,
+    tuned_equal_rates,
+)
+from mtl_utils.experiments.results import (
+    add_delta_m,
+    single_task_baseline,
+    tune_single_task_rates,
+)
+from mtl_utils.metrics import delta_m
+
+REFERENCE = Path(__file__).resolve().parents[1] / "book/experiments/reference.json"
+
+
+def _fake_results(plan, folder: Path, rows) -> None:
+    payload = {"setting": plan.config().setting(), "runs": rows}
+    (folder / "results.json").write_text(json.dumps(payload))
+
+
+def _id(run: Run) -> dict:
+    return {
+        "architecture": run.architecture,
+        "strategy": run.strategy,
+        "seed": run.seed,
+        "learning_rate": run.learning_rate,
+    }
+
+
+def test_the_reference_plan_loads_and_asks_for_the_issues_protocol():
+    plan = load_plan(REFERENCE)
+    first = stage_runs(plan, 1, {})
+    assert len(plan.seeds) >= 5 and len(plan.learning_rates) >= 3
+    # single-task networks and equal weighting share the full rate grid
+    for arch, strategy in [("single_task", "none"), ("hard_sharing", "equal")]:
+        rates = {r.learning_rate for r in first if r.strategy == strategy}
+        assert rates == set(plan.learning_rates), arch
+    wanted = {"uncertainty", "dwa", "gradnorm", "pcgrad", "cagrad", "nash_mtl"}
+    assert wanted <= {s for _, s in plan.around_tuned_equal}
+
+
+def test_results_made_with_another_setting_are_refused_naming_the_field(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    shutil.copy(REFERENCE, plan_file)
+    raw = json.loads(plan_file.read_text())
+    raw["around_tuned_equal"] = []
+    plan_file.write_text(json.dumps(raw))
+    plan = load_plan(plan_file)
+    rows = [_id(r) for r in stage_runs(plan, 1, {})]
+    _fake_results(plan, tmp_path, rows)
+    check_results_match_plan(plan_file, tmp_path)  # the same: no error
+
+    raw["setting"]["epochs"] = 17  # someone edits the plan the chapter shows
+    plan_file.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="epochs: plan 17 vs results 16"):
+        check_results_match_plan(plan_file, tmp_path)
+
+    raw["setting"]["epochs"] = 16
+    raw["seeds"] = [*raw["seeds"], 99]  # a run the results do not hold
+    plan_file.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="lacks 6 run"):
+        check_results_match_plan(plan_file, tmp_path)
+
+
+def test_bad_plan_files_get_errors_naming_the_problem(tmp_path):
+    path = tmp_path / "p.json"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_plan(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_plan(path)
+    raw = json.loads(REFERENCE.read_text())
+    del raw["seeds"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"lacks field\(s\) \['seeds'\]"):
+        load_plan(path)
+    raw = json.loads(REFERENCE.read_text())
+    raw["learning_rates"] = [0.002, 0.001]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="must increase"):
+        load_plan(path)
+
+
+def _single_task_table():
+    """Two tasks, two seeds, two rates; depth prefers 1e-3, segmentation 2e-3."""
+    rows = []
+    for seed in (0, 1):
+        for lr, miou, err in [(1e-3, 0.5, 1.0), (2e-3, 0.7, 1.5)]:
+            row = {"architecture": "single_task", "strategy": "none"}
+            row.update({"seed": seed, "learning_rate": lr})
+            for prefix, shift in (("", 0.01), ("val/", 0.0)):
+                row[f"{prefix}segmentation/miou"] = miou + shift * seed
+                row[f"{prefix}depth/abs_err"] = err + shift * seed
+            rows.append(row)
+    ew = {"architecture": "hard_sharing", "strategy": "equal", "seed": 0}
+    ew.update({"learning_rate": 1e-3})
+    for prefix in ("", "val/"):
+        ew[f"{prefix}segmentation/miou"] = 0.63
+        ew[f"{prefix}depth/abs_err"] = 1.1
+    rows.append(ew)
+    return pd.DataFrame(rows)
+
+
+def test_single_task_rates_are_tuned_per_task_on_validation():
+    table = _single_task_table()
+    assert tune_single_task_rates(table) == {"segmentation": 2e-3, "depth": 1e-3}
+    base = single_task_baseline(table, "tuned")
+    # seed rows combine each task's network at its own rate
+    assert base["segmentation/miou"].tolist() == [0.7, 0.71]
+    assert base["depth/abs_err"].tolist() == [1.0, 1.01]
+
+
+def test_delta_columns_against_the_tuned_baseline_equal_the_formula():
+    table = add_delta_m(_single_task_table(), baseline_learning_rate="tuned")
+    ew = table[table["strategy"] == "equal"].iloc[0]
+    base = {"segmentation": {"miou": 0.705}, "depth": {"abs_err": 1.005}}
+    mine = {"segmentation": {"miou": 0.63}, "depth": {"abs_err": 1.1}}
+    # drop convention by hand: mean of (-1)^higher (M - B) / B, in %
+    by_hand = 100 * np.mean([-(0.63 - 0.705) / 0.705, (1.1 - 1.005) / 1.005])
+    assert ew["delta_m"] == pytest.approx(by_hand)
+    assert ew["delta_m"] == pytest.approx(delta_m(mine, base))
+    assert ew["delta_segmentation"] == pytest.approx(100 * (0.705 - 0.63) / 0.705)
+    assert ew["delta_depth"] == pytest.approx(100 * (1.1 - 1.005) / 1.005)
+
+
+def test_the_second_stage_uses_tuned_equal_weightings_rate_and_its_better_neighbour(
+    tmp_path,
+):
+    plan = load_plan(REFERENCE)
+    rows = {}
+    val = {0.001: 3.0, 0.002: -1.0, 0.004: 0.5}  # EW's validation Δm by rate
+    for run in stage_runs(plan, 1, {}):
+        row = _id(run)
+        quality = 0.0 if run.architecture == "single_task" else val[run.learning_rate]
+        for prefix in ("", "val/"):
+            row[f"{prefix}segmentation/miou"] = 0.8 * (1 - quality / 100)
+            row[f"{prefix}depth/abs_err"] = 0.5 * (1 + quality / 100)
+            row[f"{prefix}normal/mean"] = 9.0 * (1 + quality / 100)
+        rows[run.key] = row
+    assert tuned_equal_rates(plan, rows) == (0.002, 0.004)
+    second = stage_runs(plan, 2, rows)
+    assert {r.learning_rate for r in second} == {0.002, 0.004}
+
+
+def test_the_cosine_schedule_equals_keras_cosine_decay():
+    import keras
+
+    from mtl_utils.experiments.runner import _set_learning_rate, cosine_to_zero
+
+    ours = cosine_to_zero(0.002, 100)
+    theirs = keras.optimizers.schedules.CosineDecay(0.002, 100, alpha=0.0)
+    for step in (0, 1, 37, 99, 100, 150):
+        assert float(ours(step)) == pytest.approx(float(theirs(step)), abs=1e-9)
+    optimizer = keras.optimizers.Adam(ours)
+    _set_learning_rate(optimizer, 0.004)  # a new run's peak, same traced step
+    assert float(ours(0)) == pytest.approx(0.004)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        cosine_to_zero(0.001, 0)
