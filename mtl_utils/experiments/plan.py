@@ -32,6 +32,7 @@ import numpy as np
 from mtl_utils.experiments.config import SINGLE_TASK, ExperimentConfig, Run
 from mtl_utils.experiments.results import (
     RESULTS_JSON,
+    _key_of,
     _write_results,
     add_delta_m,
     read_run_records,
@@ -185,10 +186,7 @@ def _gather(plan: Plan, out: Path) -> dict[str, dict]:
     stored = out / RESULTS_JSON
     if stored.exists():
         for row in json.loads(stored.read_text()).get("runs", []):
-            key = Run(
-                row["architecture"], row["strategy"], row["seed"], row["learning_rate"]
-            ).key
-            rows.setdefault(key, row)
+            rows.setdefault(_key_of(row), row)
     return rows
 
 
@@ -302,10 +300,7 @@ def check_results_match_plan(plan_path: str | os.PathLike, results_dir) -> None:
         raise ValueError(
             f"{plan_path} differs from the setting recorded in {path}: {detail}"
         )
-    rows = {
-        Run(r["architecture"], r["strategy"], r["seed"], r["learning_rate"]).key: r
-        for r in stored.get("runs", [])
-    }
+    rows = {_key_of(r): r for r in stored.get("runs", [])}
     wanted = stage_runs(plan, 1, rows) + stage_runs(plan, 2, rows)
     missing = [r.key for r in wanted if r.key not in rows]
     if missing:
@@ -326,11 +321,7 @@ def reproduce_run(plan_path, results_dir, key: str, part: str | None = None):
     from mtl_utils.experiments.runner import _configure_tensorflow, _Runner
 
     plan = load_plan(plan_path)
-    stored = json.loads((Path(results_dir) / RESULTS_JSON).read_text())
-    rows = {
-        Run(r["architecture"], r["strategy"], r["seed"], r["learning_rate"]).key: r
-        for r in stored["runs"]
-    }
+    rows = _gather(plan, Path(results_dir))
     if key not in rows:
         raise ValueError(f"no run {key!r} in {results_dir}; it has {sorted(rows)[:5]}")
     recorded = rows[key]
