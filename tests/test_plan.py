@@ -168,3 +168,41 @@ def test_the_cosine_schedule_equals_keras_cosine_decay():
     assert float(ours(0)) == pytest.approx(0.004)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         cosine_to_zero(0.001, 0)
+
+
+RESULTS = REFERENCE.parents[1] / "results" / "reference"
+REPRODUCE = """
+import json, sys
+from mtl_utils.experiments.plan import reproduce_run
+old, new = reproduce_run(sys.argv[1], sys.argv[2], sys.argv[3], part=sys.argv[4])
+print(json.dumps({"old": old, "new": new}))
+"""
+
+
+def test_a_committed_reference_run_is_reproduced_bit_for_bit(tmp_path):
+    """The cheapest committed network, trained again from the plan file alone.
+
+    A fresh process (the plan asks for one thread and oneDNN kernels, which
+    TensorFlow reads when it starts) trains the depth network of a committed
+    single-task run; its test and validation metrics must equal the committed
+    ones exactly (one thread makes a CPU run deterministic).
+    """
+    import os
+    import subprocess
+    import sys
+
+    key, part = "single_task/none/seed=1/lr=0.001", "depth"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # the plan sets it
+    done = subprocess.run(
+        [sys.executable, "-c", REPRODUCE, str(REFERENCE), str(RESULTS), key, part],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(found["old"]) == sorted(found["new"])
+    assert len(found["old"]) == 4  # depth: abs and rel error, test and validation
+    assert found["new"] == found["old"]
