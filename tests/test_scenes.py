@@ -291,3 +291,28 @@ def test_bad_arguments_give_clear_errors():
         render_scenes(2, size=MIN_SIZE - 1)
     with pytest.raises(ValueError, match="image size"):
         render_scenes(2, size=(32, 4))
+
+
+def test_the_near_layout_draws_from_its_ranges_and_default_is_unchanged():
+    from mtl_utils.data.scenes import LAYOUTS, Layout
+
+    default = sample_scenes(20, seed=4)
+    assert sample_scenes(20, seed=4, layout="default") == default
+    assert sample_scenes(20, seed=4, layout=Layout()) == default
+    near = sample_scenes(200, seed=4, layout="near")
+    low, high = LAYOUTS["near"].distance
+    distances = [o.z for s in near for o in s.objects]
+    assert min(distances) >= low and max(distances) <= high
+    assert max(len(s.objects) for s in near) == LAYOUTS["near"].max_objects
+
+    # objects are nearer, so they cover more pixels: the point of the layout
+    def object_share(arrays):
+        return float((arrays["segmentation"] >= 2).mean())
+
+    far = render_scenes(64, size=32, seed=4)
+    close = render_scenes(64, size=32, seed=4, layout="near")
+    assert object_share(close) > 1.5 * object_share(far)
+    with pytest.raises(ValueError, match="unknown layout 'far'"):
+        sample_scenes(1, layout="far")
+    with pytest.raises(ValueError, match="max_objects"):
+        Layout(max_objects=9)
