@@ -206,3 +206,46 @@ def test_a_committed_reference_run_is_reproduced_bit_for_bit(tmp_path):
     assert sorted(found["old"]) == sorted(found["new"])
     assert len(found["old"]) == 4  # depth: abs and rel error, test and validation
     assert found["new"] == found["old"]
+
+
+def test_paired_differences_give_scipys_t_interval_over_shared_seeds():
+    from scipy import stats
+
+    from mtl_utils.experiments.results import _t975, paired_differences
+
+    for df in (1, 4, 9, 29):
+        assert _t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(5):
+        shared = rng.normal()  # a seed effect both strategies share
+        for strategy, lr, val, shift in [
+            ("equal", 1e-3, 1.0, 0.0),
+            ("equal", 2e-3, 0.0, 0.5),  # tuned: lower validation Δm
+            ("pcgrad", 2e-3, 0.2, -1.0 + 0.3 * rng.normal()),
+        ]:
+            rows.append(
+                {
+                    "architecture": "hard_sharing",
+                    "strategy": strategy,
+                    "seed": seed,
+                    "learning_rate": lr,
+                    "val_delta_m": val,
+                    "delta_m": shared + shift,
+                }
+            )
+    table = pd.DataFrame(rows)
+    out = paired_differences(table)
+    pcgrad = table[table["strategy"] == "pcgrad"]["delta_m"].to_numpy()
+    tuned = table[(table["strategy"] == "equal") & (table["learning_rate"] == 2e-3)][
+        "delta_m"
+    ].to_numpy()
+    d = pcgrad - tuned
+    low, high = stats.t.interval(0.95, len(d) - 1, d.mean(), stats.sem(d))
+    row = out.loc[("hard_sharing", "pcgrad")]
+    assert row[("delta_m", "mean")] == pytest.approx(d.mean())
+    assert row[("delta_m", "low")] == pytest.approx(low, abs=1e-3)
+    assert row[("delta_m", "high")] == pytest.approx(high, abs=1e-3)
+    assert row[("seeds", "n")] == 5
+    with pytest.raises(ValueError, match="no runs of the reference"):
+        paired_differences(table, reference=("mtan", "equal"))

@@ -73,6 +73,7 @@ from mtl_utils.experiments.results import (
     add_delta_m,
     format_summary,
     load_results,
+    paired_differences,
     summarise,
 )
 from mtl_utils.experiments.runner import build_model, make_strategy, run_experiments
@@ -94,6 +95,7 @@ __all__ = [
     "load_results",
     "add_delta_m",
     "summarise",
+    "paired_differences",
     "format_summary",
     "plot_delta_m",
     "parse_args",

@@ -453,3 +453,85 @@ def _markdown(table) -> str:
     for row in table.itertuples(index=False):
         lines.append("| " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1 .. 30.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def _t975(df: int) -> float:
+    if df < 1:
+        return math.nan
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def paired_differences(
+    results,
+    reference: tuple[str, str] = ("hard_sharing", "equal"),
+    columns: Sequence[str] = ("delta_m",),
+):
+    """Each (architecture, strategy) against a reference, paired by seed.
+
+    Every group is taken at its learning rate with the lowest mean validation
+    Δm (``val_delta_m``), the reference too; then for each seed both share,
+    ``difference = group - reference`` in each column (same seed, same data).
+    Reports the mean difference, its sample standard deviation, the number of
+    seeds and a 95 % Student-t interval ``mean ± t_{0.975, n-1} sd / sqrt(n)``.
+    With Δ columns (lower is better) a negative interval means the strategy
+    beats the reference.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``(architecture, strategy)``; columns ``(column, "mean" | "low" |
+        "high" | "sd")`` and ``("seeds", "n")``.
+    """
+    import pandas as pd
+
+    needed = ["val_delta_m", *columns]
+    missing = [c for c in needed if c not in results.columns]
+    if missing:
+        raise ValueError(
+            f"results have no column(s) {missing}; add them with add_delta_m"
+        )
+    groups = results[results["architecture"] != SINGLE_TASK]
+    chosen = {}
+    for (arch, strategy), g in groups.groupby(["architecture", "strategy"]):
+        val = g.groupby("learning_rate")["val_delta_m"].mean()
+        chosen[(arch, strategy)] = g[np.isclose(g["learning_rate"], val.idxmin())]
+    if tuple(reference) not in chosen:
+        raise ValueError(f"no runs of the reference {reference}; have {sorted(chosen)}")
+    ref = chosen[tuple(reference)].set_index("seed")
+    records, index = [], []
+    for key, g in chosen.items():
+        if key == tuple(reference):
+            continue
+        g = g.set_index("seed")
+        seeds = sorted(set(g.index) & set(ref.index))
+        record = {("seeds", "n"): len(seeds)}
+        for column in columns:
+            d = (g.loc[seeds, column] - ref.loc[seeds, column]).to_numpy(float)
+            n = len(d)
+            mean = float(d.mean()) if n else math.nan
+            sd = float(d.std(ddof=1)) if n > 1 else math.nan
+            half = _t975(n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+            record.update(
+                {
+                    (column, "mean"): mean,
+                    (column, "low"): mean - half,
+                    (column, "high"): mean + half,
+                    (column, "sd"): sd,
+                }
+            )
+        records.append(record)
+        index.append(key)
+    out = pd.DataFrame(
+        records,
+        index=pd.MultiIndex.from_tuples(index, names=["architecture", "strategy"]),
+    )
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    return out
