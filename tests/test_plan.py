@@ -152,6 +152,10 @@ def test_the_second_stage_uses_tuned_equal_weightings_rate_and_its_better_neighb
     assert tuned_equal_rates(plan, rows) == (0.002, 0.004)
     second = stage_runs(plan, 2, rows)
     assert {r.learning_rate for r in second} == {0.002, 0.004}
+    # the tuned rate comes first for every strategy, so a partial grid compares
+    half = len(second) // 2
+    assert {r.learning_rate for r in second[:half]} == {0.002}
+    assert len(second) == 2 * len(plan.around_tuned_equal) * len(plan.seeds)
 
 
 def test_the_cosine_schedule_equals_keras_cosine_decay():

@@ -157,7 +157,12 @@ def stage_runs(plan: Plan, stage: int, rows: Mapping[str, Mapping]) -> list[Run]
     if stage == 2:
         if not plan.around_tuned_equal:
             return []
-        return _runs(plan.around_tuned_equal, plan.seeds, tuned_equal_rates(plan, rows))
+        # Every strategy at tuned equal weighting's rate first, then at the
+        # neighbour, so that a partial grid already compares at the tuned rate.
+        rates = tuned_equal_rates(plan, rows)
+        return [
+            r for lr in rates for r in _runs(plan.around_tuned_equal, plan.seeds, [lr])
+        ]
     raise ValueError(f"stage must be 1 or 2; received {stage!r}")
 
 
