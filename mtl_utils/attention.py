@@ -14,7 +14,8 @@ The module has three layers of building blocks:
   attention module of MTAN (Liu, Johns and Davison 2019), the helper
   :func:`mtan_attention_branch` that chains it along a shared encoder, and
   :class:`TaskQueryAttentionHead`, in which each task owns learnable query tokens
-  that attend over a shared CNN feature map.
+  that attend over a shared CNN feature map, and :class:`CrossTaskAttention`, in
+  which the tokens of every task's feature map attend to each other (InvPT-style).
 
 Shapes use ``B`` batch, ``Tq`` query length, ``Tk`` key length, ``N`` heads,
 ``H, W`` feature-map height and width, ``C`` channels.
@@ -35,6 +36,7 @@ __all__ = [
     "TaskAttention",
     "mtan_attention_branch",
     "TaskQueryAttentionHead",
+    "CrossTaskAttention",
 ]
 
 _FULLY_MASKED_ROWS = ("uniform", "zero")
@@ -55,6 +57,15 @@ def _check_positive_int(value: Any, name: str) -> None:
         raise ValueError(
             f"{name} must be a positive integer; received {name}={value!r}"
         )
+
+
+def _check_task_names(task_names: Sequence[str]) -> list[str]:
+    task_names = list(task_names)
+    if not task_names or len(set(task_names)) != len(task_names):
+        raise ValueError(
+            f"task_names={task_names!r}; expected a non-empty list of distinct names"
+        )
+    return task_names
 
 
 def _compatible(a: int | None, b: int | None) -> bool:
@@ -988,12 +999,7 @@ class TaskQueryAttentionHead(keras.layers.Layer):
         query_initializer: Any = None,
         **kwargs: Any,
     ) -> None:
-        task_names = list(task_names)
-        if not task_names or len(set(task_names)) != len(task_names):
-            raise ValueError(
-                f"task_names={task_names!r}; expected a non-empty list of "
-                "distinct names"
-            )
+        task_names = _check_task_names(task_names)
         _check_positive_int(num_queries, "num_queries")
         if output_dim is not None:
             _check_positive_int(output_dim, "output_dim")
@@ -1077,6 +1083,167 @@ class TaskQueryAttentionHead(keras.layers.Layer):
                 "dropout": self.attention.dropout,
                 "query_initializer": keras.initializers.serialize(
                     self.query_initializer
+                ),
+            }
+        )
+        return config
+
+
+class CrossTaskAttention(keras.layers.Layer):
+    """Joint attention across tasks and positions over per-task feature maps.
+
+    Every task's feature map ``(B, H, W, C)`` is flattened into ``H * W`` tokens,
+    a learned task embedding (one vector of size ``C`` per task) is added so that
+    a token says which task it comes from, and all ``T * H * W`` tokens attend to
+    each other through one :class:`MultiHeadAttention`: a depth token can take
+    evidence from the segmentation tokens anywhere in the image, and the reverse.
+    The attended tokens are added to their inputs (residual) and normalised
+    (``LayerNormalization``), then split back into one map per task. This is the
+    joint task-and-space attention of InvPT (Ye and Xu 2022) in one layer; PAD-Net
+    (Xu et al. 2018) and MTI-Net (Vandenhende et al. 2020) distil across tasks with
+    per-position gates and convolutions instead. The tokens carry no position
+    encoding. Cost: the score matrix has ``(T H W)^2`` entries.
+
+    Parameters
+    ----------
+    task_names:
+        Names of the tasks (keys of the input and output dicts), in token order.
+    num_heads, key_dim, dropout:
+        Passed to :class:`MultiHeadAttention` (``self.attention``).
+    embedding_initializer:
+        Initialiser of the task embeddings ``(T, C)``.
+
+    Call arguments
+    --------------
+    features:
+        ``{task: (B, H, W, C)}``, the same ``H, W, C`` for every task.
+    return_attention_scores:
+        Also return the scores ``(B, N, T * H * W, T * H * W)``; query and key
+        tokens are ordered task by task, position by position (row-major).
+    training:
+        Whether dropout is active.
+
+    Returns
+    -------
+    ``{task: (B, H, W, C)}``, and the scores when asked.
+
+    References
+    ----------
+    Ye and Xu, "Inverted Pyramid Multi-task Transformer for Dense Scene
+    Understanding", ECCV 2022; Xu et al., "PAD-Net", CVPR 2018; Vandenhende et
+    al., "MTI-Net", ECCV 2020.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> layer = CrossTaskAttention(["seg", "depth"], num_heads=2, key_dim=4)
+    >>> x = np.zeros((3, 4, 5, 8), "float32")
+    >>> out = layer({"seg": x, "depth": x})
+    >>> {t: tuple(o.shape) for t, o in out.items()}
+    {'seg': (3, 4, 5, 8), 'depth': (3, 4, 5, 8)}
+    """
+
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        num_heads: int = 2,
+        key_dim: int = 16,
+        dropout: float = 0.0,
+        embedding_initializer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.task_names = _check_task_names(task_names)
+        super().__init__(**kwargs)
+        self.embedding_initializer = keras.initializers.get(
+            embedding_initializer or keras.initializers.RandomNormal(stddev=0.02)
+        )
+        self.attention = MultiHeadAttention(
+            num_heads=num_heads, key_dim=key_dim, dropout=dropout, name="attention"
+        )
+        self.norm = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")
+
+    def _map_shape(self, shapes: Any) -> tuple:
+        """The one (H, W, C) of all tasks' maps, or a ValueError naming them."""
+        if not isinstance(shapes, dict) or sorted(shapes) != sorted(self.task_names):
+            got = sorted(shapes) if isinstance(shapes, dict) else type(shapes).__name__
+            raise ValueError(
+                f"features {got}; expected a dict with one (B, H, W, C) map per "
+                f"task {self.task_names}"
+            )
+        found = {t: tuple(shapes[t]) for t in self.task_names}
+        first = found[self.task_names[0]]
+        if (
+            any(len(s) != 4 for s in found.values())
+            or len({s[1:] for s in found.values()}) != 1
+            or None in first[1:]
+        ):
+            raise ValueError(
+                f"feature maps have shapes {found}; expected (B, H, W, C) with the "
+                "same known H, W and C for every task"
+            )
+        return first[1:]
+
+    def build(self, features_shape: dict) -> None:
+        height, width, channels = self._map_shape(features_shape)
+        self.task_embedding = self.add_weight(
+            name="task_embedding",
+            shape=(len(self.task_names), channels),
+            initializer=self.embedding_initializer,
+        )
+        tokens = (None, len(self.task_names) * height * width, channels)
+        self.attention.build(tokens, tokens)
+        self.norm.build(tokens)
+        self._map = (height, width, channels)
+
+    def call(
+        self,
+        features: dict,
+        return_attention_scores: bool = False,
+        training: bool | None = None,
+    ):
+        shape = self._map_shape({t: _shape(x) for t, x in features.items()})
+        if shape != self._map:
+            raise ValueError(
+                f"feature maps of size {shape}; this layer was built for {self._map}"
+            )
+        height, width, channels = self._map
+        batch = ops.shape(features[self.task_names[0]])[0]
+        tokens = ops.concatenate(
+            [
+                ops.reshape(features[t], (batch, height * width, channels))
+                + self.task_embedding[i]
+                for i, t in enumerate(self.task_names)
+            ],
+            axis=1,
+        )  # (B, T*H*W, C)
+        attended, scores = self.attention(
+            tokens, tokens, return_attention_scores=True, training=training
+        )
+        out = self.norm(tokens + attended)
+        n = height * width
+        outputs = {
+            t: ops.reshape(
+                out[:, i * n : (i + 1) * n], (batch, height, width, channels)
+            )
+            for i, t in enumerate(self.task_names)
+        }
+        if return_attention_scores:
+            return outputs, scores
+        return outputs
+
+    def compute_output_shape(self, features_shape: dict) -> dict:
+        return {t: tuple(features_shape[t]) for t in self.task_names}
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "task_names": self.task_names,
+                "num_heads": self.attention.num_heads,
+                "key_dim": self.attention.key_dim,
+                "dropout": self.attention.dropout,
+                "embedding_initializer": keras.initializers.serialize(
+                    self.embedding_initializer
                 ),
             }
         )

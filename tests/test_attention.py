@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 from keras import ops  # noqa: E402
 
 from mtl_utils.attention import (  # noqa: E402
+    CrossTaskAttention,
     MultiHeadAttention,
     TaskAttention,
     TaskQueryAttentionHead,
@@ -580,6 +581,89 @@ def test_task_query_attention_head_in_functional_model_gives_per_task_outputs():
     ref = keras.layers.MultiHeadAttention(4, 4, output_shape=5)
     ref(np.zeros((1, 3, 8), "float32"), np.zeros((1, 36, 8), "float32"))
     assert model.count_params() == 3 * 1 * 8 + ref.count_params()
+
+
+def _numpy_layer_norm(x, gamma, beta, epsilon=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + epsilon) * gamma + beta
+
+
+def test_cross_task_attention_equals_keras_attention_over_all_task_tokens():
+    """Reference: keras.layers.MultiHeadAttention on the concatenated tokens
+    (each task's map flattened row-major, plus its embedding), then a NumPy
+    residual + layer normalisation."""
+    rng = _rng(50)
+    tasks = ["seg", "depth", "count"]
+    maps = {t: _normal(rng, 2, 3, 4, 8) for t in tasks}
+    layer = CrossTaskAttention(tasks, num_heads=2, key_dim=4)
+    layer(maps)
+    embedding = _normal(rng, 3, 8)
+    gamma, beta = _normal(rng, 8), _normal(rng, 8)
+    layer.task_embedding.assign(embedding)
+    layer.norm.set_weights([gamma, beta])
+    ref = keras.layers.MultiHeadAttention(2, 4)
+    tokens = np.concatenate(
+        [maps[t].reshape(2, 12, 8) + embedding[i] for i, t in enumerate(tasks)], 1
+    )
+    ref(tokens, tokens)
+    _randomize(ref, rng)
+    layer.attention.load_from_keras(ref)
+    ref_out, ref_scores = ref(tokens, tokens, return_attention_scores=True)
+    expected = _numpy_layer_norm(tokens + np.asarray(ref_out), gamma, beta)
+    out, scores = layer(maps, return_attention_scores=True)
+    assert tuple(scores.shape) == (2, 2, 36, 36)
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), atol=ATOL)
+    for i, t in enumerate(tasks):
+        np.testing.assert_allclose(
+            np.asarray(out[t]),
+            expected[:, 12 * i : 12 * (i + 1)].reshape(2, 3, 4, 8),
+            atol=1e-4,
+        )
+
+
+def test_cross_task_attention_lets_one_task_see_another():
+    """Changing the depth map changes the segmentation output (and only through
+    attention: with the value projection zeroed, it does not)."""
+    rng = _rng(51)
+    seg, depth = _normal(rng, 1, 2, 2, 4), _normal(rng, 1, 2, 2, 4)
+    layer = CrossTaskAttention(["seg", "depth"], num_heads=1, key_dim=4)
+    before = np.asarray(layer({"seg": seg, "depth": depth})["seg"])
+    after = np.asarray(layer({"seg": seg, "depth": depth + 1.0})["seg"])
+    assert np.abs(after - before).max() > 1e-3
+    weights = layer.attention.get_weights()
+    layer.attention.set_weights([np.zeros_like(w) for w in weights])
+    alone = np.asarray(layer({"seg": seg, "depth": depth})["seg"])
+    again = np.asarray(layer({"seg": seg, "depth": depth + 1.0})["seg"])
+    np.testing.assert_allclose(alone, again, atol=ATOL)
+
+
+def test_cross_task_attention_parameters_are_embeddings_attention_and_norm():
+    inputs = {t: keras.Input((4, 4, 8), name=t) for t in ("a", "b")}
+    layer = CrossTaskAttention(["a", "b"], num_heads=2, key_dim=4)
+    model = keras.Model(inputs, layer(inputs))
+    ref = keras.layers.MultiHeadAttention(2, 4)
+    ref(np.zeros((1, 32, 8), "float32"), np.zeros((1, 32, 8), "float32"))
+    assert model.count_params() == 2 * 8 + ref.count_params() + 2 * 8
+
+
+@pytest.mark.parametrize(
+    "maps, message",
+    [
+        ({"a": np.zeros((1, 2, 2, 4), "float32")}, "one \\(B, H, W, C\\) map per task"),
+        (
+            {
+                "a": np.zeros((1, 2, 2, 4), "float32"),
+                "b": np.zeros((1, 2, 3, 4), "float32"),
+            },
+            "same known H, W and C",
+        ),
+    ],
+)
+def test_cross_task_attention_rejects_missing_tasks_and_unequal_maps(maps, message):
+    layer = CrossTaskAttention(["a", "b"], num_heads=1, key_dim=2)
+    with pytest.raises(ValueError, match=message):
+        layer(maps)
 
 
 def _masked_sequence_model(attention_layer):
