@@ -1,9 +1,17 @@
 """NYUv2 loader on a generated fixture in the MTAN layout (no real data here)."""
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 
-from mtl_utils.data.nyuv2 import NYUV2_SIZE, load_nyuv2, save_nyuv2_layout
+from mtl_utils.data.nyuv2 import (
+    MTAN_NYUV2,
+    NYUV2_SIZE,
+    load_nyuv2,
+    save_nyuv2_layout,
+)
 
 
 @pytest.fixture
@@ -90,3 +98,76 @@ def test_non_numeric_dtype_is_refused(fixture_root):
 def test_unknown_split(tmp_path):
     with pytest.raises(ValueError, match="unknown split 'test'"):
         load_nyuv2(tmp_path, "test")
+
+
+# The NYUv2 setup of MTAN: Liu, Johns and Davison, "End-to-End Multi-Task Learning
+# with Attention", CVPR 2019, as the authors' code runs it (github.com/lorenmt/mtan,
+# im2im_pred/model_segnet_mtan.py: optim.Adam(lr=1e-4), StepLR(step_size=100,
+# gamma=0.5), batch_size = 2, 200 epochs, --weight default 'equal', --temp 2.0,
+# class_nb = 13, BatchNorm2d after every conv; the paper's 288x384 NYUv2; the test
+# loader is the only evaluation split, averaged over the last 10 epochs per the
+# repository's README).
+PAPER = {
+    "input_size": (288, 384),
+    "num_classes": 13,
+    "tasks": ("segmentation", "depth", "normal"),
+    "architecture": "segnet_mtan",
+    "width": 1.0,
+    "batch_norm": True,
+    "optimizer": "adam",
+    "learning_rate": 1e-4,
+    "epochs": 200,
+    "decay_every": 100,
+    "decay_factor": 0.5,
+    "batch_size": 2,
+    "weighting": "equal",
+    "dwa_temperature": 2.0,
+    "num_val": 0,
+    "report_last_epochs": 10,
+}
+
+
+def test_mtan_recipe_has_the_papers_settings():
+    assert dataclasses.asdict(MTAN_NYUV2) == PAPER
+    assert MTAN_NYUV2.differences() == {}
+
+
+def test_recipe_learning_rate_follows_step_lr_every_step():
+    """torch's StepLR(step_size=100, gamma=0.5) in closed form: epoch e runs at
+    1e-4 * 0.5 ** (e // 100); the Keras schedule gives that to every step."""
+    steps = 3
+    schedule = MTAN_NYUV2.learning_rate_schedule(steps_per_epoch=steps)
+    for epoch in (0, 1, 99, 100, 101, 199):
+        expected = 1e-4 * 0.5 ** (epoch // 100)
+        assert MTAN_NYUV2.learning_rate_at(epoch) == pytest.approx(expected)
+        for step in (epoch * steps, epoch * steps + steps - 1):
+            assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_recipe_without_a_decay_in_its_epochs_has_a_constant_rate():
+    short = dataclasses.replace(MTAN_NYUV2, epochs=2)
+    assert short.learning_rate_schedule(steps_per_epoch=5) == pytest.approx(1e-4)
+
+
+def test_recipe_differences_name_each_changed_setting_with_both_values():
+    cpu = dataclasses.replace(MTAN_NYUV2, input_size=(96, 128), epochs=2, num_val=4)
+    assert cpu.differences() == {
+        "input_size": ((96, 128), (288, 384)),
+        "epochs": (2, 200),
+        "num_val": (4, 0),
+    }
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"batch_size": 0}, "batch_size=0; expected a positive integer"),
+        ({"learning_rate": -1.0}, "expected both > 0"),
+        ({"decay_factor": 2.0}, "decay_factor=2.0"),
+        ({"architecture": "vgg"}, "architecture='vgg'; expected one of"),
+        ({"num_val": -1}, "num_val=-1"),
+    ],
+)
+def test_recipe_rejects_bad_settings_naming_them(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dataclasses.replace(MTAN_NYUV2, **change)

@@ -17,6 +17,7 @@ refused rather than executed.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,105 @@ def save_nyuv2_layout(arrays: dict[str, np.ndarray], root: str | Path, split: st
                 value = value.astype(np.float32)
             np.save(base / folder / f"{i}.npy", value, allow_pickle=False)
     return base
+
+
+#: Architectures a :class:`NYUv2Recipe` may name (builders in ``mtl_utils.models``).
+RECIPE_ARCHITECTURES = ("segnet_mtan", "segnet_split", "hard_sharing")
+
+
+@dataclasses.dataclass(frozen=True)
+class NYUv2Recipe:
+    """The settings of a NYUv2 training run, in one place.
+
+    The defaults are the NYUv2 setup of MTAN (Liu, Johns and Davison, CVPR 2019),
+    as its authors' code runs it (github.com/lorenmt/mtan,
+    ``im2im_pred/model_segnet_mtan.py``): SegNet-MTAN with batch normalisation at
+    full width on 288x384 images, three tasks (13-class segmentation, depth,
+    normals), Adam at 1e-4 halved every 100 epochs (``StepLR(step_size=100,
+    gamma=0.5)``), batch size 2, 200 epochs, equal loss weights (the code's
+    default; ``"dwa"`` with temperature 2 and ``"uncertainty"`` are its options).
+    MTAN has no validation split: it reports the average over the last 10 epochs
+    on the 654 test images (the layout's ``val`` folder). ``num_val > 0`` carves a
+    validation split from the end of the training images instead, as
+    ``mtl_utils.experiments.load_data`` does.
+
+    Change a setting with ``dataclasses.replace(MTAN_NYUV2, ...)`` and list what
+    then differs from the paper with :meth:`differences`.
+    """
+
+    input_size: tuple[int, int] = NYUV2_SIZE
+    num_classes: int = NYUV2_CLASSES
+    tasks: tuple[str, ...] = ("segmentation", "depth", "normal")
+    architecture: str = "segnet_mtan"
+    width: float = 1.0
+    batch_norm: bool = True
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    epochs: int = 200
+    decay_every: int = 100
+    decay_factor: float = 0.5
+    batch_size: int = 2
+    weighting: str = "equal"
+    dwa_temperature: float = 2.0
+    num_val: int = 0
+    report_last_epochs: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("num_classes", "epochs", "decay_every", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected a positive integer")
+        for name in ("num_val", "report_last_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r}; expected an integer >= 0")
+        if not (self.learning_rate > 0 and self.width > 0):
+            raise ValueError(
+                f"learning_rate={self.learning_rate!r}, width={self.width!r}; "
+                "expected both > 0"
+            )
+        if not 0 < self.decay_factor <= 1:
+            raise ValueError(f"decay_factor={self.decay_factor!r}; expected (0, 1]")
+        if self.architecture not in RECIPE_ARCHITECTURES:
+            raise ValueError(
+                f"architecture={self.architecture!r}; expected one of "
+                f"{RECIPE_ARCHITECTURES}"
+            )
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            raise ValueError(f"input_size={self.input_size!r}; expected (H, W)")
+
+    def learning_rate_at(self, epoch: int) -> float:
+        """The rate of epoch ``epoch`` (0-based), as ``StepLR`` sets it."""
+        return self.learning_rate * self.decay_factor ** (epoch // self.decay_every)
+
+    def learning_rate_schedule(self, steps_per_epoch: int):
+        """A ``keras.optimizers.schedules.PiecewiseConstantDecay`` over optimizer
+        steps that gives every step of epoch ``e`` :meth:`learning_rate_at(e)`
+        (a float when the run ends before the first decay)."""
+        import keras
+
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch={steps_per_epoch!r}; expected >= 1")
+        starts = range(self.decay_every, self.epochs, self.decay_every)
+        # PiecewiseConstantDecay keeps values[i] while step <= boundaries[i];
+        # steps count from 0, so epoch e starts at step e * steps_per_epoch.
+        boundaries = [e * steps_per_epoch - 1 for e in starts]
+        values = [self.learning_rate_at(0)]
+        values += [self.learning_rate_at(e) for e in starts]
+        if not boundaries:  # no decay within the run: a constant rate
+            return values[0]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+    def differences(self, reference: NYUv2Recipe | None = None) -> dict:
+        """``{setting: (this recipe's value, the reference's)}`` where they differ;
+        the reference is MTAN's setup unless given."""
+        reference = reference or NYUv2Recipe()
+        return {
+            f.name: (getattr(self, f.name), getattr(reference, f.name))
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(reference, f.name)
+        }
+
+
+#: MTAN's NYUv2 setup (Liu, Johns and Davison 2019; lorenmt/mtan).
+MTAN_NYUV2 = NYUv2Recipe()
