@@ -78,7 +78,9 @@ __all__ = [
     "apply_keras_layers",
     "augment",
     "example_kinds",
+    "flip_tta",
     "hflip",
+    "unflip_predictions",
     "make_augment",
     "photometric",
     "random_hflip",
@@ -369,6 +371,111 @@ def hflip(example: Mapping, kinds: Kinds = None) -> dict:
         if kind == "normal":
             value = value * tf.constant([-1.0, 1.0, 1.0], value.dtype)
         out[key] = value
+    return out
+
+
+def _prediction_kinds(tasks) -> dict[str, str]:
+    if isinstance(tasks, Mapping):
+        kinds = {str(k): str(v) for k, v in tasks.items()}
+    else:
+        kinds = {t.name: t.kind for t in tasks}
+    unknown = {k: v for k, v in kinds.items() if v not in KINDS}
+    if unknown:
+        raise ValueError(f"unknown task kinds {unknown}; expected kinds in {KINDS}")
+    return kinds
+
+
+def unflip_predictions(
+    predictions: Mapping, tasks, negate_normal_x: bool = True
+) -> dict:
+    """Map a batch of predictions made on mirrored images back to the originals.
+
+    Dense maps ``(B, H, W, C)`` are reversed along the width, and a normal map's
+    ``x`` component is negated (the mirror image of a surface that faces right
+    faces left); image-level outputs ``(B, K)`` are unchanged. This is
+    :func:`hflip` for a batch of model outputs.
+
+    Parameters
+    ----------
+    predictions:
+        ``{task: output}`` of a model called on horizontally flipped images.
+    tasks:
+        :class:`~mtl_utils.tasks.Task` objects, or ``{task: kind}``.
+    negate_normal_x:
+        ``False`` reproduces the common bug of flipping normals like an image.
+    """
+    from keras import ops
+
+    kinds = _prediction_kinds(tasks)
+    out = {}
+    for name, kind in kinds.items():
+        value = ops.convert_to_tensor(predictions[name])
+        if kind == "classification":
+            out[name] = value
+            continue
+        if len(value.shape) != 4:
+            raise ValueError(
+                f"{name} prediction has shape {tuple(value.shape)}; expected "
+                "(B, H, W, C) for a dense task"
+            )
+        value = ops.flip(value, axis=2)
+        if kind == "normal" and negate_normal_x:
+            value = value * ops.convert_to_tensor([-1.0, 1.0, 1.0], value.dtype)
+        out[name] = value
+    return out
+
+
+def flip_tta(model, images, tasks, negate_normal_x: bool = True) -> dict:
+    """Test-time augmentation: average the predictions on images and their mirror.
+
+    ``model(images)`` and ``model`` on the left-right mirrored images, the latter
+    mapped back with :func:`unflip_predictions`, are combined per kind:
+    class scores (segmentation, classification) as the mean of the two softmax
+    distributions, returned as log-probabilities (so ``argmax`` and a
+    cross-entropy on logits still apply); depth as the mean; normals as the mean
+    of the two unit vectors, renormalised.
+
+    Parameters
+    ----------
+    model:
+        Callable ``images -> {task: output}`` (a Keras model in inference mode).
+    images:
+        ``(B, H, W, 3)``.
+    tasks:
+        :class:`~mtl_utils.tasks.Task` objects, or ``{task: kind}``.
+    negate_normal_x:
+        ``False`` skips the negation of the normals' ``x`` (a bug, for comparison).
+
+    Returns
+    -------
+    ``{task: output}`` with the shapes of ``model``'s outputs.
+    """
+    from keras import ops
+
+    kinds = _prediction_kinds(tasks)
+    images = ops.convert_to_tensor(images)
+    if len(images.shape) != 4:
+        raise ValueError(
+            f"images have shape {tuple(images.shape)}; expected (B, H, W, 3)"
+        )
+    plain = model(images)
+    mirrored = unflip_predictions(
+        model(ops.flip(images, axis=2)), kinds, negate_normal_x
+    )
+
+    def unit(x):
+        return x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    out = {}
+    for name, kind in kinds.items():
+        a, b = ops.convert_to_tensor(plain[name]), mirrored[name]
+        if kind in ("segmentation", "classification"):
+            mean = (ops.softmax(a, axis=-1) + ops.softmax(b, axis=-1)) / 2
+            out[name] = ops.log(ops.maximum(mean, 1e-12))
+        elif kind == "normal":
+            out[name] = unit(unit(a) + unit(b))
+        else:
+            out[name] = (a + b) / 2
     return out
 
 

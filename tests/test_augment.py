@@ -31,6 +31,7 @@ from mtl_utils import augment as A
 from mtl_utils.data.pipeline import make_dataset
 from mtl_utils.data.scenes import (
     CLASS_NAMES,
+    render,
     render_batch,
     render_scenes,
     sample_scenes,
@@ -958,3 +959,122 @@ def test_apply_keras_layers_rejects_random_crop_in_inference_mode():
         return
     with pytest.raises(ValueError, match="did not move the masks with the images"):
         A.apply_keras_layers(crop, images, masks[..., 0], training=False)
+
+
+# ---------------------------------------------------------------------------
+# flip test-time augmentation
+# ---------------------------------------------------------------------------
+
+TTA_KINDS = {
+    "segmentation": "segmentation",
+    "depth": "depth",
+    "normal": "normal",
+    "count": "classification",
+}
+
+
+def test_unflip_predictions_negates_normal_x_against_closed_form():
+    """A constant normal (a, b, c) predicted on the mirror image is (-a, b, c) in
+    the original; a map f(j) of the column becomes f(W - 1 - j)."""
+    b, h, w = 2, 3, 5
+    normal = np.broadcast_to(np.float32([0.6, 0.0, -0.8]), (b, h, w, 3))
+    column = np.broadcast_to(np.arange(w, dtype="float32")[:, None], (b, h, w, 1))
+    back = A.unflip_predictions(
+        {"normal": normal, "depth": column}, {"normal": "normal", "depth": "depth"}
+    )
+    np.testing.assert_array_equal(
+        np.asarray(back["normal"]),
+        np.broadcast_to(np.float32([-0.6, 0.0, -0.8]), (b, h, w, 3)),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(back["depth"])[0, 0, :, 0], [4, 3, 2, 1, 0]
+    )
+
+
+def test_flip_tta_of_input_independent_predictions_has_closed_form():
+    """A model that ignores its input predicts the same on both passes:
+    normal (a, b, c) averages with (-a, b, c) to (0, b, c)/|(0, b, c)|; depth j
+    averages with W - 1 - j to (W - 1)/2; segmentation logits (j, W - 1 - j)
+    average to equal probabilities; image-level logits stay what they were."""
+    b, h, w = 2, 3, 6
+    j = np.arange(w, dtype="float32")
+    outputs = {
+        "normal": np.broadcast_to(np.float32([0.6, 0.48, -0.64]), (b, h, w, 3)),
+        "depth": np.broadcast_to(j[:, None], (b, h, w, 1)),
+        "segmentation": np.broadcast_to(np.stack([j, w - 1 - j], -1), (b, h, w, 2)),
+        "count": np.broadcast_to(np.float32([0.0, 1.0, 3.0]), (b, 3)),
+    }
+    tta = A.flip_tta(lambda x: outputs, np.zeros((b, h, w, 3), "float32"), TTA_KINDS)
+    expected_normal = np.float32([0.0, 0.48, -0.64]) / 0.8
+    np.testing.assert_allclose(
+        np.asarray(tta["normal"]),
+        np.broadcast_to(expected_normal, (b, h, w, 3)),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(np.asarray(tta["depth"]), (w - 1) / 2, atol=1e-6)
+    np.testing.assert_allclose(np.exp(np.asarray(tta["segmentation"])), 0.5, atol=1e-6)
+    logits = np.float32([0.0, 1.0, 3.0])
+    softmax = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(
+        np.exp(np.asarray(tta["count"])), [softmax] * b, atol=1e-6
+    )
+    # without the negation, the constant normal comes back unchanged (wrong)
+    wrong = A.flip_tta(
+        lambda x: outputs, np.zeros((b, h, w, 3), "float32"), TTA_KINDS, False
+    )
+    np.testing.assert_allclose(
+        np.asarray(wrong["normal"])[0, 0, 0], [0.6, 0.48, -0.64], atol=1e-6
+    )
+
+
+def test_flip_tta_of_a_perfect_model_is_exact_against_the_renderer():
+    """Oracle: a 'model' that returns the renderer's labels of whichever scene
+    it is shown (the scene, or Scene.mirrored()). Flip TTA must return the
+    scene's own labels; flipping the normals back like an image must not."""
+    scenes = sample_scenes(3, seed=5)
+    size = 24
+    views = {}
+    for sc in scenes:
+        for view in (sc, sc.mirrored()):
+            r = render(view, size)
+            views[r["image"].tobytes()] = r
+
+    def perfect(images):
+        rows = [views[np.asarray(x).tobytes()] for x in np.asarray(images)]
+        out = {k: np.stack([r[k] for r in rows]) for k in ("depth", "normal")}
+        out["segmentation"] = (
+            np.eye(5, dtype="float32")[np.stack([r["segmentation"] for r in rows])]
+            * 20.0
+        )
+        out["count"] = np.eye(6, dtype="float32")[[r["count"] for r in rows]] * 20.0
+        return out
+
+    truth = [render(sc, size) for sc in scenes]
+    images = np.stack([t["image"] for t in truth])
+    tta = A.flip_tta(perfect, images, TTA_KINDS)
+    normals = np.stack([t["normal"] for t in truth])
+    valid = np.linalg.norm(normals, axis=-1) > 0
+    np.testing.assert_allclose(
+        np.asarray(tta["normal"])[valid], normals[valid], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(tta["depth"]), np.stack([t["depth"] for t in truth]), atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        np.argmax(np.asarray(tta["segmentation"]), -1),
+        np.stack([t["segmentation"] for t in truth]),
+    )
+    np.testing.assert_array_equal(
+        np.argmax(np.asarray(tta["count"]), -1), [t["count"] for t in truth]
+    )
+    wrong = np.asarray(A.flip_tta(perfect, images, TTA_KINDS, False)["normal"])
+    sideways = valid & (np.abs(normals[..., 0]) > 0.1)
+    assert sideways.any()
+    assert np.abs(wrong[sideways] - normals[sideways]).max() > 0.1
+
+
+def test_flip_tta_rejects_unknown_kinds_and_non_dense_maps():
+    with pytest.raises(ValueError, match="unknown task kinds"):
+        A.unflip_predictions({"a": np.zeros((1, 2, 2, 1))}, {"a": "edges"})
+    with pytest.raises(ValueError, match=r"expected \(B, H, W, C\)"):
+        A.unflip_predictions({"depth": np.zeros((1, 2, 2))}, {"depth": "depth"})
