@@ -73,7 +73,7 @@ with tempfile.TemporaryDirectory() as tmp:
         gpu_path = Path(tmp) / path.name
         nbformat.write(nb, gpu_path)
         start = time.perf_counter()
-        problems = run_chapter(gpu_path)
+        problems, _ = run_chapter(gpu_path)
         seconds = time.perf_counter() - start
         print(f"{path.name}: {'FAILED' if problems else 'passed'} in {seconds:.0f} s")
         print("\n".join(problems), flush=True)
