@@ -1139,6 +1139,21 @@ class Weighting:
         """``losses`` as a float32 ``(T,)`` tensor, or a ValueError naming tasks."""
         return _check_vector(losses, self.num_tasks, "loss vector", self.task_names)
 
+    def check_gram(self, gram):
+        """``gram`` as a float32 ``(T, T)`` tensor, or a ValueError naming tasks.
+
+        A Gram matrix of another size (e.g. 3x3 for 2 tasks) would otherwise give
+        coefficients for tasks that do not exist.
+        """
+        gram = _check_gram(gram)
+        n, shape = self.num_tasks, tuple(gram.shape)
+        if any(d is not None and d != n for d in shape):
+            raise ValueError(
+                f"gram has shape {shape}; expected ({n}, {n}): one row and column "
+                f"per task ({', '.join(self.task_names)})"
+            )
+        return gram
+
     def combine_losses(self, losses, present=None):
         """Mode ``"losses"``: ``(objective, weights)`` for the ``(T,)`` losses.
 
@@ -1459,7 +1474,7 @@ class GradNorm(Weighting):
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
         losses = self.check_losses(losses)
-        gram = _check_gram(gram)
+        gram = self.check_gram(gram)
         mask = _mask(present, self.num_tasks)
         # Read the state now: a converted variable is read lazily, which would see
         # the assignments below.
@@ -1507,6 +1522,7 @@ class PCGrad(Weighting):
     def combine_gradients(
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
+        gram = self.check_gram(gram)
         n = self.num_tasks
         keys = keras.random.uniform((n, n), seed=self.seed_generator)
         order = ops.argsort(keys, axis=-1)
@@ -1573,7 +1589,7 @@ class MGDA(Weighting):
     def normalizers(self, gram, losses, present=None):
         """``(T,)`` normalisers ``n_i`` (1 for absent tasks)."""
         mask = _mask(present, self.num_tasks)
-        norms = ops.sqrt(ops.maximum(ops.diagonal(_check_gram(gram)), 0.0))
+        norms = ops.sqrt(ops.maximum(ops.diagonal(self.check_gram(gram)), 0.0))
         losses = self.check_losses(losses)
         d = {
             "none": ops.ones_like(norms),
@@ -1586,7 +1602,7 @@ class MGDA(Weighting):
     def combine_gradients(
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
-        gram = _check_gram(gram)
+        gram = self.check_gram(gram)
         mask = _mask(present, self.num_tasks)
         d = self.normalizers(gram, losses, mask)
         scaled = gram / (d[:, None] * d[None, :])
@@ -1640,6 +1656,7 @@ class CAGrad(Weighting):
     def combine_gradients(
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
+        gram = self.check_gram(gram)
         mask = _mask(present, self.num_tasks)
         coef = cagrad_coefficients(
             gram, self.c, self.rescale, self.iterations, present=mask
@@ -1676,11 +1693,28 @@ class _GramSolver(Weighting):
         self, gram, losses, gradients=None, present=None
     ) -> Combination:
         mask = _mask(present, self.num_tasks)
-        coef = self.solve(_check_gram(gram), mask)
+        coef = self.solve(self.check_gram(gram), mask)
         return Combination(shared=coef, heads=coef if self.heads_follow else mask)
 
 
-class IMTL(_GramSolver):
+class _LearntLogScales:
+    """IMTL-L's learnt log scales ``s`` (one per task, initially 0) as the
+    strategy's trainable variables: shared by :class:`IMTL` and :class:`IMTLL`.
+    """
+
+    def create_state(self) -> None:
+        self.log_scales = keras.Variable(
+            np.zeros((self.num_tasks,), "float32"),
+            trainable=True,
+            name="imtl_log_scales",
+        )
+
+    @property
+    def trainable_variables(self) -> list:
+        return [] if self.log_scales is None else [self.log_scales]
+
+
+class IMTL(_LearntLogScales, _GramSolver):
     """Impartial MTL (Liu et al. 2021); see :func:`imtl_weights`.
 
     Parameters
@@ -1710,15 +1744,7 @@ class IMTL(_GramSolver):
 
     def create_state(self) -> None:
         if self.loss_scale:
-            self.log_scales = keras.Variable(
-                np.zeros((self.num_tasks,), "float32"),
-                trainable=True,
-                name="imtl_log_scales",
-            )
-
-    @property
-    def trainable_variables(self) -> list:
-        return [] if self.log_scales is None else [self.log_scales]
+            super().create_state()
 
     def solve(self, gram, present):
         return imtl_weights(gram, present)
@@ -1728,19 +1754,20 @@ class IMTL(_GramSolver):
     ) -> Combination:
         if not self.loss_scale:
             return super().combine_gradients(gram, losses, gradients, present)
+        gram = self.check_gram(gram)
         losses = self.check_losses(losses)
         mask = _mask(present, self.num_tasks)
         scale = ops.exp(ops.copy(self.log_scales)) * mask
         # d/ds of exp(s) L - s; every replica computes the same gradient.
         self.apply_gradients([(scale * losses - mask) / _num_replicas()])
-        gram = _check_gram(gram) * scale[:, None] * scale[None, :]
+        gram = gram * scale[:, None] * scale[None, :]
         return Combination(shared=imtl_weights(gram, mask) * scale, heads=scale)
 
     def __repr__(self) -> str:
         return f"IMTL(loss_scale={self.loss_scale})"
 
 
-class IMTLL(Weighting):
+class IMTLL(_LearntLogScales, Weighting):
     """IMTL-L alone (Liu et al. 2021): every task loss scaled to
     ``exp(s_i) L_i - s_i`` with learnt ``s``; see :func:`imtl_l_loss`.
 
@@ -1753,17 +1780,6 @@ class IMTLL(Weighting):
     def __init__(self, optimizer: keras.optimizers.Optimizer | None = None):
         super().__init__(optimizer)
         self.log_scales = None
-
-    def create_state(self) -> None:
-        self.log_scales = keras.Variable(
-            np.zeros((self.num_tasks,), "float32"),
-            trainable=True,
-            name="imtl_log_scales",
-        )
-
-    @property
-    def trainable_variables(self) -> list:
-        return [] if self.log_scales is None else [self.log_scales]
 
     def combine_losses(self, losses, present=None):
         losses = self.check_losses(losses)

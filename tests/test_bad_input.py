@@ -343,3 +343,20 @@ def test_mgda_weights_refuse_nan_gradients():
     G = np.array([[1.0, np.nan], [0.0, 1.0]])
     with pytest.raises(ValueError, match=r"mgda_weights: the gradients G holds 1 NaN"):
         W.mgda_weights(G)
+
+
+GRADIENT_STRATEGIES = [n for n in sorted(W._BY_NAME) if W.get(n).mode != "losses"]
+
+
+@pytest.mark.parametrize("name", GRADIENT_STRATEGIES)
+def test_a_gram_matrix_of_another_size_is_refused_before_the_state_changes(name):
+    strategy = W.get(name)
+    strategy.build(["depth", "normal"], model_optimizer=keras.optimizers.SGD(0.1))
+    before = [v.numpy().copy() for v in strategy.state_variables()]
+    gram = np.eye(3, dtype="float32") + 0.5  # 3x3 for 2 tasks
+    with pytest.raises(
+        ValueError, match=r"gram has shape \(3, 3\); expected \(2, 2\).*depth, normal"
+    ):
+        strategy.combine_gradients(gram, np.ones(2, "float32"))
+    for v, b in zip(strategy.state_variables(), before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)

@@ -369,7 +369,7 @@ def test_combine_losses_with_wrong_number_of_tasks_names_the_tasks(strategy):
 def test_gradient_strategy_with_wrong_gram_size_raises():
     strategy = W.MGDA()
     strategy.build(["a", "b", "c"])
-    with pytest.raises(ValueError, match=r"expected \(3,\)"):
+    with pytest.raises(ValueError, match=r"gram has shape \(2, 2\); expected \(3, 3\)"):
         strategy.combine_gradients(np.eye(2), np.ones(2))
 
 
