@@ -277,6 +277,44 @@ def evaluate(
     return out
 
 
+def constant_baselines(train, test, tasks: Iterable[Task]) -> dict[str, dict]:
+    """Metrics on ``test`` of the best constant guesses learned from ``train``.
+
+    What a network that ignored its input would score, the floor a trained one
+    must clear: the most frequent training class at every pixel
+    (segmentation), the mean training depth (depth) and the mean training
+    normal, normalised (normals). ``train`` and ``test`` map task names to
+    label arrays (missing labels as elsewhere: class -1, depth 0, a zero
+    normal). Returns ``{task: {metric: value}}`` like :func:`evaluate`.
+    """
+    out = {}
+    for t in tasks:
+        if t.name not in train or t.name not in test:
+            raise ValueError(
+                f"task {t.name!r} has no labels in train or test (keys "
+                f"{sorted(train)} and {sorted(test)})"
+            )
+        labels, target = np.asarray(train[t.name]), np.asarray(test[t.name])
+        if t.kind == "segmentation":
+            counts = np.bincount(labels[labels >= 0].ravel(), minlength=t.channels)
+            guess = np.full(target.shape, counts.argmax())
+            out[t.name] = segmentation_metrics(target, guess, t.channels)
+        elif t.kind == "depth":
+            guess = np.full(target.shape, labels[labels > 0].mean())
+            out[t.name] = depth_metrics(target, guess)
+        elif t.kind == "normal":
+            valid = np.linalg.norm(labels, axis=-1) > 0
+            mean = labels[valid].mean(0)
+            guess = np.broadcast_to(mean / np.linalg.norm(mean), target.shape)
+            out[t.name] = normal_metrics(target, guess)
+        else:
+            raise ValueError(
+                f"task {t.name!r} is of kind {t.kind!r}; constant baselines exist "
+                "for segmentation, depth and normal tasks"
+            )
+    return out
+
+
 def delta_m(
     metrics: Mapping[str, Mapping[str, float]],
     baseline: Mapping[str, Mapping[str, float]],

@@ -158,3 +158,36 @@ def test_metrics_reject_mismatched_shapes():
         confusion_matrix(np.array([0, 5]), np.array([0, 1]), 3)
     with pytest.raises(ValueError, match="expected the same tasks"):
         delta_m({"depth": {"abs_err": 1.0}}, {"normal": {"mean": 1.0}})
+
+
+def test_constant_baselines_equal_their_closed_forms():
+    from mtl_utils.metrics import constant_baselines
+    from mtl_utils.tasks import scene_tasks
+
+    rng = np.random.default_rng(0)
+    tasks = scene_tasks(["segmentation", "depth", "normal"])
+    seg = rng.choice(5, size=(6, 8, 8), p=[0.5, 0.2, 0.1, 0.1, 0.1])
+    depth = rng.uniform(1, 5, size=(6, 8, 8, 1))
+    depth[0, 0, 0] = 0.0  # a missing label: left out of the mean and the error
+    normal = rng.normal(size=(6, 8, 8, 3)) + [0.0, 0.0, 2.0]
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    train = {"segmentation": seg[:4], "depth": depth[:4], "normal": normal[:4]}
+    test = {"segmentation": seg[4:], "depth": depth[4:], "normal": normal[4:]}
+    got = constant_baselines(train, test, tasks)
+
+    majority = np.bincount(seg[:4].ravel()).argmax()
+    present = np.unique(seg[4:])
+    share = (seg[4:] == majority).mean()
+    assert got["segmentation"]["miou"] == pytest.approx(share / len(present))
+    assert got["segmentation"]["pixel_acc"] == pytest.approx(share)
+    mean_depth = depth[:4][depth[:4] > 0].mean()
+    assert got["depth"]["abs_err"] == pytest.approx(
+        np.abs(depth[4:] - mean_depth).mean()
+    )
+    m = normal[:4].reshape(-1, 3).mean(0)
+    cosine = normal[4:].reshape(-1, 3) @ (m / np.linalg.norm(m))
+    angles = np.degrees(np.arccos(np.clip(cosine, -1, 1)))
+    assert got["normal"]["mean"] == pytest.approx(angles.mean())
+    assert got["normal"]["median"] == pytest.approx(np.median(angles))
+    with pytest.raises(ValueError, match="no labels"):
+        constant_baselines({"depth": depth}, test, tasks)

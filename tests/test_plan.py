@@ -253,3 +253,193 @@ def test_paired_differences_give_scipys_t_interval_over_shared_seeds():
     assert row[("seeds", "n")] == 5
     with pytest.raises(ValueError, match="no runs of the reference"):
         paired_differences(table, reference=("mtan", "equal"))
+
+
+TINY_SETTING = {
+    "tasks": ["segmentation", "depth", "normal"],
+    "num_train": 32,
+    "num_val": 16,
+    "num_test": 16,
+    "image_size": 32,
+    "layout": "near",
+    "width": 0.0625,
+    "epochs": 2,
+    "batch_size": 16,
+    "baseline_learning_rate": "tuned",
+    "lr_schedule": "cosine",
+    "threads": 1,
+    "kernels": "onednn",
+}
+
+
+def test_a_tiny_plan_runs_and_its_shown_networks_are_retrained_identically(tmp_path):
+    """The whole route of the reference results on a plan small enough for CI.
+
+    The command trains both stages in worker processes; ``--predictions``
+    retrains the networks the chapters show in another process. Their test
+    metrics must equal the recorded ones exactly, and the saved outputs must
+    give the recorded depth error when scored by hand. A PCGrad run's first
+    epoch is retrained once more and its validation metrics compared with the
+    history recorded after that epoch.
+    """
+    import os
+    import subprocess
+    import sys
+
+    plan_file = tmp_path / "tiny.json"
+    plan_file.write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "setting": TINY_SETTING,
+                "seeds": [0],
+                "learning_rates": [0.001, 0.004],
+                "grid": [["single_task", "none"], ["hard_sharing", "equal"]],
+                "around_tuned_equal": [["hard_sharing", "pcgrad"], ["mtan", "equal"]],
+                "workers": 1,
+            }
+        )
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # the plan sets it
+    command = [sys.executable, "-m", "mtl_utils.experiments", "--config"]
+    command += [str(plan_file), "--output", str(out), "--quiet"]
+    for extra in ([], ["--predictions"]):
+        done = subprocess.run(
+            command + extra, capture_output=True, text=True, env=env, timeout=900
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    check_results_match_plan(plan_file, out)
+    rows = {
+        (r["architecture"], r["strategy"], r["learning_rate"]): r
+        for r in json.loads((out / "results.json").read_text())["runs"]
+    }
+    assert len(rows) == 2 * 2 + 2 * 2  # stage 1: 2 pairs x 2 rates; stage 2 alike
+    saved = np.load(out / "predictions.npz")
+    assert saved["image"].shape == (16, 32, 32, 3)
+    for arch, task, metric in [
+        ("hard_sharing", "depth", "abs_err"),
+        ("mtan", "normal", "mean"),
+        ("single_task", "segmentation", "miou"),
+    ]:
+        part = "all" if arch != "single_task" else task
+        key = str(saved[f"runs/{arch}/{part}"])
+        lr = float(key.rsplit("lr=", 1)[1])
+        strategy = "none" if arch == "single_task" else "equal"
+        recorded = rows[(arch, strategy, lr)][f"{task}/{metric}"]
+        assert float(saved[f"metrics/{arch}/{task}/{metric}"]) == recorded
+    error = np.abs(saved["hard_sharing/depth"] - saved["target/depth"]).mean()
+    key = str(saved["runs/hard_sharing/all"])
+    lr = float(key.rsplit("lr=", 1)[1])
+    recorded = rows[("hard_sharing", "equal", lr)]["depth/abs_err"]
+    assert error == pytest.approx(recorded, rel=1e-5)
+
+    pcgrad = next(k for k in rows if k[1] == "pcgrad")
+    key = f"hard_sharing/pcgrad/seed=0/lr={pcgrad[2]:g}"
+    done = subprocess.run(
+        [sys.executable, "-c", REPRODUCE_FIRST, str(plan_file), str(out), key],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(found["old"]) == 9  # every validation metric of the three tasks
+    assert found["new"] == found["old"]
+
+
+REPRODUCE_FIRST = """
+import json, os, sys
+os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+from mtl_utils.experiments.plan import reproduce_run
+old, new = reproduce_run(sys.argv[1], sys.argv[2], sys.argv[3], epochs=1)
+print(json.dumps({"old": old, "new": new}))
+"""
+
+
+def test_the_delta_table_gives_each_method_at_its_tuned_rate_with_t_intervals():
+    from scipy import stats
+
+    from mtl_utils.experiments.results import (
+        delta_table,
+        mean_interval,
+        single_task_deltas,
+    )
+
+    values = [1.0, 2.5, -0.5, 4.0]
+    low, high = stats.t.interval(
+        0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values)
+    )
+    # t quantiles are tabulated to 3 decimals
+    assert mean_interval(values) == pytest.approx(
+        (np.mean(values), low, high), rel=1e-3
+    )
+
+    rows = [r for _, r in _single_task_table().iterrows()]
+    rows = [dict(r) for r in rows if r["architecture"] == "single_task"]
+    for seed in (0, 1):  # EW at two rates; 2e-3 is better on validation
+        for lr, val_err, err in [(1e-3, 1.3, 1.2), (2e-3, 1.05, 1.1 + 0.1 * seed)]:
+            row = {"architecture": "hard_sharing", "strategy": "equal"}
+            row.update({"seed": seed, "learning_rate": lr})
+            row.update({"segmentation/miou": 0.7, "val/segmentation/miou": 0.7})
+            row.update({"depth/abs_err": err, "val/depth/abs_err": val_err})
+            rows.append(row)
+    rows.append({**rows[-1], "strategy": "pcgrad", "seed": 0})  # one seed only
+    table = add_delta_m(pd.DataFrame(rows), baseline_learning_rate="tuned")
+    out = delta_table(table, seeds=2)
+    assert list(out.index) == [("single_task", "none"), ("hard_sharing", "equal")]
+    ew = out.loc[("hard_sharing", "equal")]
+    assert ew[("learning_rate", "")] == 2e-3 and ew[("seeds", "n")] == 2
+    # by hand: depth Δ of the two seeds against the tuned baseline's mean 1.005
+    deltas = [100 * (e - 1.005) / 1.005 for e in (1.1, 1.2)]
+    expected = mean_interval(deltas)
+    got = tuple(ew[("delta_depth", k)] for k in ("mean", "low", "high"))
+    assert got == pytest.approx(expected)
+    noise = single_task_deltas(table)["delta_m"]
+    assert noise.mean() == pytest.approx(0.0, abs=1e-12)  # against its own mean
+    assert out.loc[("single_task", "none"), ("delta_m", "high")] == pytest.approx(
+        mean_interval(noise)[2]
+    )
+    assert ("hard_sharing", "pcgrad") in delta_table(table).index  # seeds=None
+
+
+def test_the_result_figures_draw_every_method_and_curve():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtl_utils.experiments.plots import (
+        history_curves,
+        plot_curves,
+        plot_paired,
+        plot_tradeoff,
+    )
+    from mtl_utils.experiments.results import delta_table, paired_differences
+
+    rows = [dict(r) for _, r in _single_task_table().iterrows()]
+    rows = [r for r in rows if r["architecture"] == "single_task"]
+    for strategy, shift in (("equal", 0.0), ("pcgrad", -0.05)):
+        for seed in (0, 1):
+            row = {"architecture": "hard_sharing", "strategy": strategy, "seed": seed}
+            row["learning_rate"] = 1e-3
+            for prefix in ("", "val/"):
+                row[f"{prefix}segmentation/miou"] = 0.65 - shift + 0.01 * seed
+                row[f"{prefix}depth/abs_err"] = 1.1 + shift - 0.02 * seed
+            row["history"] = {"val/depth/abs_err": [2.0, 1.5, 1.1 + seed]}
+            rows.append(row)
+    table = add_delta_m(pd.DataFrame(rows), baseline_learning_rate="tuned")
+    fig = plot_tradeoff(delta_table(table), tasks=("segmentation", "depth"))
+    assert len(fig.axes) == 1 and len(fig.axes[0].containers) == 3  # 3 methods
+    fig = plot_paired(paired_differences(table))
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["pcgrad"]
+    ew = table[table["strategy"] == "equal"]
+    curves = history_curves(ew, "val/depth/abs_err")
+    assert curves.tolist() == [[2.0, 1.5, 1.1], [2.0, 1.5, 2.1]]
+    ax = plot_curves({"EW": curves})
+    assert ax.lines[0].get_ydata().tolist() == [2.0, 1.5, 1.6]
+    with pytest.raises(ValueError, match="no history entry 'loss'"):
+        history_curves(ew, "loss")
+    plt.close("all")

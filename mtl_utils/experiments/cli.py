@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
+        "--predictions",
+        action="store_true",
+        help="with --config: retrain the networks the chapters show (seed 0) and "
+        "save their test predictions to predictions.npz in --output",
+    )
+    p.add_argument(
         "--architectures", nargs="+", default=["single_task", "hard_sharing"]
     )
     p.add_argument("--strategies", nargs="+", default=["equal"])
@@ -174,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_plan(args: argparse.Namespace) -> int:
-    from mtl_utils.experiments.plan import load_plan, run_plan, work
+    from mtl_utils.experiments.plan import load_plan, run_plan, save_predictions, work
 
     plan = load_plan(args.config)
     kernels = plan.setting.get("kernels")
@@ -184,6 +190,9 @@ def _main_plan(args: argparse.Namespace) -> int:
         work(args.config, args.output, args.worker)
         return 0
     log = (lambda line: None) if args.quiet else (lambda s: print(s, flush=True))
+    if args.predictions:
+        save_predictions(args.config, args.output, log=log)
+        return 0
     run_plan(args.config, args.output, workers=args.workers, log=log)
     log(f"wrote {Path(args.output).resolve()}")
     return 0

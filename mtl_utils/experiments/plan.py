@@ -46,6 +46,8 @@ __all__ = [
     "tuned_equal_rates",
     "check_results_match_plan",
     "reproduce_run",
+    "save_predictions",
+    "shown_runs",
 ]
 
 _KEYS = ("setting", "seeds", "learning_rates", "grid", "around_tuned_equal")
@@ -314,45 +316,147 @@ def check_results_match_plan(plan_path: str | os.PathLike, results_dir) -> None:
         )
 
 
-def reproduce_run(plan_path, results_dir, key: str, part: str | None = None):
+def _train_again(plan: Plan, run: Run, part: str | None = None, epochs=None):
+    """Train ``run`` of ``plan`` again, writing nothing: (data, tasks, results).
+
+    ``results`` maps each trained part (a task name for a single-task run,
+    ``"all"`` otherwise) to the runner's result, model included.
+    """
+    from mtl_utils.experiments.data import experiment_tasks, load_data
+    from mtl_utils.experiments.runner import _configure_tensorflow, _Runner
+
+    config = plan.config([run])
+    _configure_tensorflow(config)
+    tasks = experiment_tasks(config)
+    data = load_data(config)
+    runner = _Runner(config, data, tasks, None, 0, print, None)
+    if run.architecture != SINGLE_TASK:
+        return data, tasks, {"all": runner.train(run, tasks, "all", epochs)}
+    chosen = [t for t in tasks if part in (None, t.name)]
+    if not chosen:
+        raise ValueError(f"part {part!r} is not a task of {[t.name for t in tasks]}")
+    return data, tasks, {t.name: runner.train(run, [t], t.name, epochs) for t in chosen}
+
+
+def _flat_metrics(results: Mapping[str, dict]) -> dict[str, float]:
+    new = {}
+    for result in results.values():
+        for split, prefix in (("test", ""), ("val", "val/")):
+            for task, values in result[split].items():
+                new.update({f"{prefix}{task}/{m}": v for m, v in values.items()})
+    return new
+
+
+def _recorded_run(rows: Mapping[str, Mapping], key: str, where) -> Run:
+    if key not in rows:
+        raise ValueError(f"no run {key!r} in {where}; it has {sorted(rows)[:5]}")
+    r = rows[key]
+    return Run(r["architecture"], r["strategy"], r["seed"], r["learning_rate"])
+
+
+def reproduce_run(
+    plan_path, results_dir, key: str, part: str | None = None, epochs=None
+):
     """Train one recorded run again from its plan; return (recorded, new) metrics.
 
     ``key`` is a run key (``Run.key``); for a single-task run, ``part`` names
     the task whose network is trained (default: all of them). Metrics are the
     test and validation ones, ``{"<task>/<metric>": value}`` and
     ``{"val/<task>/<metric>": value}``, for the tasks trained.
-    """
-    from mtl_utils.experiments.data import experiment_tasks, load_data
-    from mtl_utils.experiments.runner import _configure_tensorflow, _Runner
 
+    With ``epochs``, only the first ``epochs`` epochs are trained (on the full
+    run's learning-rate schedule) and the validation metrics after the last of
+    them are compared with those the run recorded in its history then.
+    """
     plan = load_plan(plan_path)
     rows = _gather(plan, Path(results_dir))
-    if key not in rows:
-        raise ValueError(f"no run {key!r} in {results_dir}; it has {sorted(rows)[:5]}")
-    recorded = rows[key]
-    run = Run(
-        recorded["architecture"],
-        recorded["strategy"],
-        recorded["seed"],
-        recorded["learning_rate"],
-    )
-    config = plan.config([run])
-    _configure_tensorflow(config)
-    tasks = experiment_tasks(config)
-    runner = _Runner(config, load_data(config), tasks, None, 0, print, None)
-    if run.architecture == SINGLE_TASK:
-        chosen = [t for t in tasks if part in (None, t.name)]
-        if not chosen:
-            raise ValueError(
-                f"part {part!r} is not a task of {[t.name for t in tasks]}"
-            )
-        results = {t.name: runner.train(run, [t], t.name) for t in chosen}
-    else:
-        chosen, results = tasks, {"all": runner.train(run, tasks, "all")}
-    new = {}
-    for result in results.values():
-        for split, prefix in (("test", ""), ("val", "val/")):
-            for task, values in result[split].items():
-                new.update({f"{prefix}{task}/{m}": v for m, v in values.items()})
-    old = {k: recorded[k] for k in new if k in recorded}
-    return old, {k: new[k] for k in old}
+    run = _recorded_run(rows, key, results_dir)
+    results = _train_again(plan, run, part, epochs)[2]
+    if epochs is None:
+        new = _flat_metrics(results)
+        old = {k: rows[key][k] for k in new if k in rows[key]}
+        return old, {k: new[k] for k in old}
+    history = rows[key].get("history") or {}
+    old, new = {}, {}
+    for name, result in results.items():
+        for k, v in result["logs"][-1].items():
+            logged = k if name == "all" else f"{name}/{k}"  # as _row names them
+            if k.startswith("val/") and logged in history:
+                old[k] = history[logged][epochs - 1]
+                new[k] = v
+    return old, new
+
+
+PREDICTIONS = "predictions.npz"
+
+
+def shown_runs(plan: Plan, rows: Mapping[str, Mapping], seed: int) -> dict:
+    """The networks whose predictions the chapters show, one per architecture.
+
+    ``{architecture: [(run, part), ...]}``: the single-task networks at each
+    task's rate tuned on validation, hard sharing with equal weighting at its
+    tuned rate, and MTAN with equal weighting at whichever of its recorded
+    rates did better on validation (tuned equal weighting's, if none is).
+    """
+    from mtl_utils.experiments.results import _frame, tune_single_task_rates
+
+    table = _frame(list(rows.values()))
+    single = tune_single_task_rates(table)
+    shown = {
+        SINGLE_TASK: [
+            (Run(SINGLE_TASK, "none", seed, lr), t) for t, lr in single.items()
+        ]
+    }
+    ew_rate = tuned_equal_rates(plan, rows)[0]
+    shown["hard_sharing"] = [(Run("hard_sharing", "equal", seed, ew_rate), None)]
+    scored = add_delta_m(table, baseline_learning_rate="tuned", strict=False)
+    mtan = scored[(scored["architecture"] == "mtan") & (scored["strategy"] == "equal")]
+    val = mtan.groupby("learning_rate")["val_delta_m"].mean().dropna()
+    rate = float(val.idxmin()) if len(val) else ew_rate
+    shown["mtan"] = [(Run("mtan", "equal", seed, rate), None)]
+    return shown
+
+
+def save_predictions(
+    plan_path, results_dir, seed: int = 0, count: int = 6, log=print
+) -> Path:
+    """Retrain the networks the chapters show and save their test predictions.
+
+    Trains, for ``seed``, the runs of :func:`shown_runs` again from the plan
+    (bit-identical to the recorded ones on the same CPU set-up), and writes
+    ``predictions.npz`` to ``results_dir``: the first ``count`` test images
+    and targets (``image``, ``target/<task>``), each network's outputs
+    (``<architecture>/<task>``) and, as ``metrics/<architecture>/<task>/<metric>``,
+    the test metrics of the retrained networks, for comparison with the record.
+    """
+    plan = load_plan(plan_path)
+    out = Path(results_dir)
+    rows = _gather(plan, out)
+    arrays: dict[str, np.ndarray] = {}
+    for arch, parts in shown_runs(plan, rows, seed).items():
+        for run, part in parts:
+            log(f"training {run.key}" + (f" ({part})" if part else ""))
+            data, tasks, results = _train_again(plan, run, part)
+            shown = data["test"]["image"][:count]
+            arrays["image"] = shown
+            for t in tasks:
+                arrays[f"target/{t.name}"] = data["test"][t.name][:count]
+            arrays[f"runs/{arch}/{part or 'all'}"] = np.array(run.key)
+            for result in results.values():
+                outputs = result["model"](shown, training=False)
+                if not isinstance(outputs, Mapping):
+                    outputs = {part: outputs}
+                arrays.update(
+                    {f"{arch}/{k}": np.asarray(v) for k, v in outputs.items()}
+                )
+                for task, values in result["test"].items():
+                    arrays.update(
+                        {
+                            f"metrics/{arch}/{task}/{m}": np.float64(v)
+                            for m, v in values.items()
+                        }
+                    )
+    path = out / PREDICTIONS
+    np.savez_compressed(path, **arrays)
+    log(f"wrote {path}")
+    return path

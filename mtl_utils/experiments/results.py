@@ -469,6 +469,94 @@ def _t975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
 
 
+def at_tuned_rate(results, seeds: int | None = None) -> dict:
+    """Each multi-task (architecture, strategy) at its rate tuned on validation.
+
+    The rate with the lowest mean validation Δm (``val_delta_m``) among the
+    rates the group was trained at; with ``seeds``, only rates trained with
+    that many seeds count (a grid still running leaves out the others).
+
+    Returns
+    -------
+    dict
+        ``{(architecture, strategy): rows at the chosen rate}``.
+    """
+    if "val_delta_m" not in results.columns:
+        raise ValueError("results have no val_delta_m column; add it with add_delta_m")
+    groups = results[results["architecture"] != SINGLE_TASK]
+    chosen = {}
+    for (arch, strategy), g in groups.groupby(["architecture", "strategy"], sort=False):
+        count = g.groupby("learning_rate")["seed"].nunique()
+        rates = count.index if seeds is None else count.index[count >= seeds]
+        if not len(rates):
+            continue
+        val = g.groupby("learning_rate")["val_delta_m"].mean().loc[rates]
+        chosen[(arch, strategy)] = g[np.isclose(g["learning_rate"], val.idxmin())]
+    return chosen
+
+
+def single_task_deltas(results, tasks: Sequence[Task] | None = None):
+    """The tuned single-task networks of each seed, scored against their mean.
+
+    One row per seed (each task's network at its rate tuned on validation,
+    :func:`single_task_baseline`) with the Δ columns of :func:`add_delta_m`:
+    how far seeds alone move the score. The standard deviation of
+    ``delta_m`` over these rows is the seed noise of the comparison.
+    """
+    base = single_task_baseline(results, "tuned")
+    if not len(base):
+        raise ValueError("no single-task runs with every task at its tuned rate")
+    return add_delta_m(base.assign(learning_rate=0.0), tasks=tasks)
+
+
+def mean_interval(values) -> tuple[float, float, float]:
+    """Mean and 95 % Student-t interval of the mean: ``(mean, low, high)``."""
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    mean = float(x.mean()) if n else math.nan
+    half = _t975(n - 1) * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+    return mean, mean - half, mean + half
+
+
+def delta_table(results, columns: Sequence[str] | None = None, seeds=None):
+    """Per-task Δ and Δm of every method at its tuned rate, with 95 % intervals.
+
+    The first row is the tuned single-task networks (:func:`single_task_deltas`,
+    mean 0 by construction: its interval is the seed noise), then every
+    multi-task (architecture, strategy) at its validation-tuned rate
+    (:func:`at_tuned_rate`). ``results`` must have the Δ columns of
+    :func:`add_delta_m` (``baseline_learning_rate="tuned"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``(architecture, strategy)``; columns ``(column, "mean" | "low" |
+        "high")``, ``("learning_rate", "")`` and ``("seeds", "n")``.
+    """
+    import pandas as pd
+
+    if columns is None:
+        columns = [c for c in results.columns if c.startswith("delta_")]
+        columns = [c for c in columns if c != "delta_m_same_seed"]
+        columns = sorted(columns, key=lambda c: c == "delta_m")
+    groups = {(SINGLE_TASK, "none"): single_task_deltas(results)}
+    groups.update(at_tuned_rate(results, seeds))
+    records = []
+    for g in groups.values():
+        record = {("learning_rate", ""): float(g["learning_rate"].iloc[0])}
+        record[("seeds", "n")] = int(g["seed"].nunique())
+        for column in columns:
+            mean, low, high = mean_interval(g[column])
+            record.update({(column, "mean"): mean, (column, "low"): low})
+            record[(column, "high")] = high
+        records.append(record)
+    index = pd.MultiIndex.from_tuples(list(groups), names=["architecture", "strategy"])
+    out = pd.DataFrame(records, index=index)
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.loc[(SINGLE_TASK, "none"), ("learning_rate", "")] = np.nan
+    return out
+
+
 def paired_differences(
     results,
     reference: tuple[str, str] = ("hard_sharing", "equal"),
@@ -498,11 +586,7 @@ def paired_differences(
         raise ValueError(
             f"results have no column(s) {missing}; add them with add_delta_m"
         )
-    groups = results[results["architecture"] != SINGLE_TASK]
-    chosen = {}
-    for (arch, strategy), g in groups.groupby(["architecture", "strategy"]):
-        val = g.groupby("learning_rate")["val_delta_m"].mean()
-        chosen[(arch, strategy)] = g[np.isclose(g["learning_rate"], val.idxmin())]
+    chosen = at_tuned_rate(results)
     if tuple(reference) not in chosen:
         raise ValueError(f"no runs of the reference {reference}; have {sorted(chosen)}")
     ref = chosen[tuple(reference)].set_index("seed")
@@ -515,18 +599,10 @@ def paired_differences(
         record = {("seeds", "n"): len(seeds)}
         for column in columns:
             d = (g.loc[seeds, column] - ref.loc[seeds, column]).to_numpy(float)
-            n = len(d)
-            mean = float(d.mean()) if n else math.nan
-            sd = float(d.std(ddof=1)) if n > 1 else math.nan
-            half = _t975(n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
-            record.update(
-                {
-                    (column, "mean"): mean,
-                    (column, "low"): mean - half,
-                    (column, "high"): mean + half,
-                    (column, "sd"): sd,
-                }
-            )
+            mean, low, high = mean_interval(d)
+            sd = float(d.std(ddof=1)) if len(d) > 1 else math.nan
+            record.update({(column, "mean"): mean, (column, "low"): low})
+            record.update({(column, "high"): high, (column, "sd"): sd})
         records.append(record)
         index.append(key)
     out = pd.DataFrame(

@@ -297,8 +297,14 @@ class _Runner:
         name = run.key.replace("/", "__") + f"__{part}.npz"
         return self.output_dir / "checkpoints" / name
 
-    def train(self, run: Run, tasks: Sequence[Task], part: str) -> dict:
-        """Train one network of ``run`` on ``tasks``; metrics, logs and status."""
+    def train(
+        self, run: Run, tasks: Sequence[Task], part: str, epochs: int | None = None
+    ) -> dict:
+        """Train one network of ``run`` on ``tasks``; metrics, logs and status.
+
+        ``epochs`` stops after that many of the setting's epochs (the learning
+        rate still follows the full schedule), to re-check a run's beginning.
+        """
         from mtl_utils.metrics import evaluate
 
         config = self.config
@@ -316,7 +322,7 @@ class _Runner:
                 self.log(f"    {part}: resumed after epoch {start} from {checkpoint}")
         diverged = None
         seconds = 0.0
-        for epoch in range(start, config.epochs):
+        for epoch in range(start, config.epochs if epochs is None else epochs):
             ds = _epoch_dataset(self.data["train"], tasks, config, run.seed, epoch)
             t0 = time.perf_counter()
             history = model.fit(
