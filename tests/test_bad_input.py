@@ -19,7 +19,13 @@ from mtl_utils import augment
 from mtl_utils import weighting as W
 from mtl_utils.data.nyuv2 import load_nyuv2, save_nyuv2_layout
 from mtl_utils.data.pipeline import make_dataset
-from mtl_utils.data.scenes import render_scenes
+from mtl_utils.data.scenes import (
+    MAX_OBJECTS,
+    Object3D,
+    Scene,
+    render_batch,
+    render_scenes,
+)
 from mtl_utils.losses import loss_for
 from mtl_utils.metrics import (
     TaskMetrics,
@@ -189,6 +195,21 @@ def test_a_bare_task_name_is_not_split_into_letters(scenes, call):
             make_dataset(scenes, "depth")
         else:
             scene_tasks("depth")
+
+
+@pytest.mark.parametrize("n", [MAX_OBJECTS + 1, MAX_OBJECTS + 2])
+def test_a_scene_with_more_than_max_objects_is_counted_not_clipped(n):
+    # n small spheres side by side, 3 units away, every one in view
+    spheres = tuple(
+        Object3D("sphere", float(x), 3.0, (0.15, 0.15, 0.15), (0.9, 0.2, 0.2))
+        for x in np.linspace(-1.2, 1.2, n)
+    )
+    out = render_batch([Scene(objects=spheres), Scene()], 64, object_ids=True)
+    assert out["count"].tolist() == [n, 0]
+    np.testing.assert_array_equal(np.unique(out["object_id"][0]), np.arange(-1, n))
+    # the count task has MAX_OBJECTS + 1 classes: its dataset refuses that label
+    with pytest.raises(ValueError, match=rf"'count'.*labels \[{n}\].*sample 0"):
+        make_dataset(out, scene_tasks(["count"]))
 
 
 # ------------------------------------------------------------------ NYUv2 files

@@ -44,7 +44,9 @@ import numpy as np
 #: Segmentation classes. Index = class id in the ``segmentation`` target.
 CLASS_NAMES = ("floor", "wall", "sphere", "box", "cylinder")
 SHAPES = ("sphere", "box", "cylinder")
-#: Most objects a sampled scene holds; ``count`` lies in ``0 .. MAX_OBJECTS``.
+#: Most objects a sampled scene holds; ``count`` of a sampled scene lies in
+#: ``0 .. MAX_OBJECTS`` (the classes of the ``count`` task). A hand-made
+#: :class:`Scene` may hold more: it is rendered and counted all the same.
 MAX_OBJECTS = 5
 #: Smallest image side :func:`render` accepts.
 MIN_SIZE = 8
@@ -352,9 +354,12 @@ def _render_chunk(scenes: list[Scene], h: int, w: int) -> dict[str, np.ndarray]:
     normal = np.empty((n, h * w, 3), dt)
     for a, e in enumerate((right, down, fwd)):
         normal[..., a] = nx * e[:, :1] + ny * e[:, 1:2] + nz * e[:, 2:]
-    seen = np.zeros((n, MAX_OBJECTS + 1), bool)
+    # Any number of objects counts (a hand-made scene may hold more than
+    # MAX_OBJECTS; the count task then refuses its label, see make_dataset).
+    k = max(len(s.objects) for s in scenes)
+    seen = np.zeros((n, k + 1), bool)
     seen[np.arange(n)[:, None], obj] = True  # column -1 (= last) collects background
-    counts = seen[:, :MAX_OBJECTS].sum(1).astype(np.int32)
+    counts = seen[:, :k].sum(1).astype(np.int32)
     return {
         "image": image.reshape(n, h, w, 3),
         "segmentation": label.reshape(n, h, w),
