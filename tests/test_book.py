@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
+from nbformat import v4
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / ".ci"))
+import colab_chapters  # noqa: E402
 import setup_cell  # noqa: E402
 
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -112,22 +114,24 @@ def test_every_toc_entry_exists_and_every_chapter_is_in_the_toc():
         assert str(chapter.relative_to(ROOT).with_suffix("")) in listed
 
 
-# Chapters whose owner has yet to run `make setup-cells` (remove once done: a
-# strict xfail fails as soon as the chapter has the setup cell).
-SETUP_CELL_PENDING = {"05_training_strategies.ipynb", "06_vgg_multihead.ipynb"}
+def chapters_with_pending(pending, reason):
+    """Every chapter, those named in ``pending`` as strict xfails: remove a name
+    once its chapter is done, since a strict xfail fails as soon as it passes."""
+    return [
+        pytest.param(
+            p, marks=pytest.mark.xfail(p.name in pending, reason=reason, strict=True)
+        )
+        for p in CHAPTERS
+    ]
+
+
+# Chapters whose owner has yet to run `make setup-cells`.
+SETUP_CELL_PENDING: set[str] = set()
 
 
 @pytest.mark.parametrize(
     "path",
-    [
-        pytest.param(
-            p,
-            marks=pytest.mark.xfail(
-                p.name in SETUP_CELL_PENDING, reason="setup cell pending", strict=True
-            ),
-        )
-        for p in CHAPTERS
-    ],
+    chapters_with_pending(SETUP_CELL_PENDING, "setup cell pending"),
     ids=lambda p: p.name,
 )
 def test_every_chapter_starts_with_the_setup_cell_for_the_configured_repository(path):
@@ -169,6 +173,70 @@ def test_setup_cell_says_what_to_set_when_the_install_fails(tmp_path):
         result.stderr[-2000:]
     )
     assert missing in message and "set REPO_URL in this cell" in message
+
+
+#: What TensorFlow 2.20's full wheel wrote to stderr at a chapter's first XLA
+#: compilation, with TF_CPP_MIN_LOG_LEVEL=3 set before the import (recorded).
+TF_XLA_NOTICE = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written "
+    "to STDERR\n"
+    "I0000 00:00:1796304817.778044   31397 device_compiler.h:196] Compiled cluster "
+    "using XLA!  This line is logged at most once for the lifetime of the process.\n"
+)
+
+
+def executed(*stderr_texts):
+    """A notebook as nbclient leaves it: a setup cell, then one cell per text."""
+    cells = [v4.new_code_cell(id="setup")]
+    for i, text in enumerate(stderr_texts):
+        stream = v4.new_output("stream", name="stderr", text=text)
+        cells.append(v4.new_code_cell(id=f"c{i}", outputs=[stream]))
+    return v4.new_notebook(cells=cells)
+
+
+def test_colab_check_lets_through_only_the_listed_tensorflow_notices():
+    assert colab_chapters.stderr_problems(executed(TF_XLA_NOTICE)) == ([], 2)
+    warning = "UserWarning: the layer was called on a float mask\n"
+    problems, harmless = colab_chapters.stderr_problems(
+        executed(TF_XLA_NOTICE + warning)
+    )
+    assert harmless == 2 and len(problems) == 1
+    assert "cell 1 (id c0)" in problems[0] and "UserWarning" in problems[0]
+    assert "Compiled cluster" not in problems[0]
+    # a listed line with anything after it is not the listed line
+    longer = TF_XLA_NOTICE.replace("process.", "process. Retrying.")
+    assert colab_chapters.stderr_problems(executed(longer))[0]
+
+
+def test_colab_check_ignores_the_setup_cell_but_no_other():
+    nb = executed("anything\n", "more\n")
+    assert colab_chapters.stderr_problems(nb)[0] != []
+    nb.cells[0].outputs, nb.cells[1].outputs = nb.cells[1].outputs, []
+    problems, _ = colab_chapters.stderr_problems(nb)
+    assert len(problems) == 1 and "more" in problems[0]
+
+
+# Chapters whose problem-size cell does not state its costs yet.
+COSTS_PENDING = {"05_training_strategies.ipynb", "06_vgg_multihead.ipynb"}
+
+
+@pytest.mark.parametrize(
+    "path", chapters_with_pending(COSTS_PENDING, "costs pending"), ids=lambda p: p.name
+)
+def test_problem_size_cell_states_the_cost_of_both_settings(path):
+    """Issue 13: the CPU setting's run time measured, the GPU setting's with its
+    basis (benchmarks/gpu_estimates.py), and whether it fits a free Colab session."""
+    cell = next(
+        "".join(c["source"])
+        for c in load(path)["cells"]
+        if c["cell_type"] == "code" and "# GPU:" in "".join(c["source"])
+    )
+    comments = re.findall(r"^# (CPU|GPU) setting: (.*(?:\n#   .*)*)", cell, re.M)
+    costs = {kind: " ".join(text.split()) for kind, text in comments}
+    assert set(costs) == {"CPU", "GPU"}, f"{path.name}: {cell[:300]}"
+    assert "measured" in costs["CPU"], costs["CPU"]
+    assert "T4" in costs["GPU"] or "measured" in costs["GPU"], costs["GPU"]
+    assert "Colab" in costs["GPU"], costs["GPU"]
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
