@@ -305,7 +305,7 @@ def test_a_tiny_plan_runs_and_its_shown_networks_are_retrained_identically(tmp_p
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # the plan sets it
     command = [sys.executable, "-m", "mtl_utils.experiments", "--config"]
     command += [str(plan_file), "--output", str(out), "--quiet"]
-    for extra in ([], ["--predictions"]):
+    for extra in ([], ["--predictions", "16"]):
         done = subprocess.run(
             command + extra, capture_output=True, text=True, env=env, timeout=900
         )
@@ -364,6 +364,7 @@ def test_the_delta_table_gives_each_method_at_its_tuned_rate_with_t_intervals():
 
     from mtl_utils.experiments.results import (
         delta_table,
+        format_delta_table,
         mean_interval,
         single_task_deltas,
     )
@@ -403,6 +404,11 @@ def test_the_delta_table_gives_each_method_at_its_tuned_rate_with_t_intervals():
         mean_interval(noise)[2]
     )
     assert ("hard_sharing", "pcgrad") in delta_table(table).index  # seeds=None
+    text = format_delta_table(out, ["delta_depth"])
+    assert text.loc["hard_sharing / equal", "Δ depth (%)"] == (
+        f"{expected[0]:+.1f} [{expected[1]:+.1f}, {expected[2]:+.1f}]"
+    )
+    assert text.loc["single_task / none", "learning rate"] == "tuned per task"
 
 
 def test_the_result_figures_draw_every_method_and_curve():

@@ -52,9 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--predictions",
-        action="store_true",
+        nargs="?",
+        const=6,
+        default=None,
+        type=int,
+        metavar="N",
         help="with --config: retrain the networks the chapters show (seed 0) and "
-        "save their test predictions to predictions.npz in --output",
+        "save their predictions of the first N test images (default 6) to "
+        "predictions.npz in --output",
     )
     p.add_argument(
         "--architectures", nargs="+", default=["single_task", "hard_sharing"]
@@ -190,8 +195,8 @@ def _main_plan(args: argparse.Namespace) -> int:
         work(args.config, args.output, args.worker)
         return 0
     log = (lambda line: None) if args.quiet else (lambda s: print(s, flush=True))
-    if args.predictions:
-        save_predictions(args.config, args.output, log=log)
+    if args.predictions is not None:
+        save_predictions(args.config, args.output, count=args.predictions, log=log)
         return 0
     run_plan(args.config, args.output, workers=args.workers, log=log)
     log(f"wrote {Path(args.output).resolve()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,28 @@ _ID_COLUMNS = ("architecture", "strategy", "seed", "learning_rate")
 LR_SCHEDULES = ("constant", "cosine")
 #: CPU kernel sets, as ``TF_ENABLE_ONEDNN_OPTS`` chooses them.
 KERNELS = ("onednn", "eigen")
+#: Strategy names of :func:`mtl_utils.weighting.get` (kept here so that checking
+#: a run does not import Keras; a test holds them equal).
+STRATEGIES = (
+    "aligned_mtl", "cagrad", "dwa", "equal", "gradnorm", "imtl", "imtl_hybrid",
+    "imtl_l", "mgda", "mgda_ub", "nash_mtl", "pcgrad", "rlw", "uncertainty",
+)  # fmt: skip
+#: Seeds NumPy (and so ``keras.utils.set_random_seed``) accepts.
+SEED_RANGE = (0, 2**32 - 1)
+#: The VGG encoder pools five times by 2: image sides are multiples of this.
+IMAGE_STRIDE = 32
+
+
+def _check_seed(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer; received {value!r}")
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise ValueError(
+            f"{name} is {value}; expected an integer in {low}..{high} (2**32 - 1), "
+            "as numpy.random.seed accepts"
+        )
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +86,22 @@ class Run:
                 f"architecture {self.architecture!r} needs a weighting strategy "
                 "(e.g. 'equal'); received 'none'"
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer; received {self.seed!r}")
+        if not single and self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {self.strategy!r} for run {self.architecture!r}; "
+                f"expected one of {STRATEGIES} (names of mtl_utils.weighting.get)"
+            )
+        seed = _check_seed("seed", self.seed)
         if not (
-            isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+            isinstance(self.learning_rate, (int, float))
+            and math.isfinite(self.learning_rate)
+            and self.learning_rate > 0
         ):
             raise ValueError(
-                f"learning_rate must be a number > 0; received {self.learning_rate!r}"
+                f"learning_rate must be a finite number > 0; received "
+                f"{self.learning_rate!r}"
             )
-        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "seed", seed)
         object.__setattr__(self, "learning_rate", float(self.learning_rate))
 
     @property
@@ -208,6 +238,18 @@ class ExperimentConfig:
             raise ValueError(f"runs repeat: {repeated}; expected distinct runs")
         if not self.tasks:
             raise ValueError("tasks is empty; expected at least one task name")
+        _check_seed("data_seed", self.data_seed)
+        size = self.image_size
+        if self.nyuv2 is None and (
+            isinstance(size, bool)
+            or not isinstance(size, (int, np.integer))
+            or size < IMAGE_STRIDE
+            or size % IMAGE_STRIDE
+        ):
+            raise ValueError(
+                f"image_size is {size!r}; expected a positive multiple of "
+                f"{IMAGE_STRIDE} (the VGG encoder pools five times by 2), e.g. 64"
+            )
         for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; received {value!r}")

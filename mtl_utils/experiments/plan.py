@@ -45,6 +45,7 @@ __all__ = [
     "stage_runs",
     "tuned_equal_rates",
     "check_results_match_plan",
+    "reference_files",
     "reproduce_run",
     "save_predictions",
     "shown_runs",
@@ -282,12 +283,16 @@ def work(plan_path: str | os.PathLike, output_dir: str | os.PathLike, stage: int
     )
 
 
-def check_results_match_plan(plan_path: str | os.PathLike, results_dir) -> None:
+def check_results_match_plan(
+    plan_path: str | os.PathLike, results_dir, require_all: bool = True
+) -> list[str]:
     """Raise ``ValueError`` unless the results were made with the plan's setting.
 
     Compares the plan file's setting with the one recorded in
     ``results.json``, field by field, and checks that every run the plan asks
     for is recorded (the rates of its second stage chosen from the results).
+    With ``require_all=False`` missing runs are returned instead (a grid still
+    running), by key.
     """
     plan = load_plan(plan_path)
     path = Path(results_dir) / RESULTS_JSON
@@ -308,12 +313,18 @@ def check_results_match_plan(plan_path: str | os.PathLike, results_dir) -> None:
             f"{plan_path} differs from the setting recorded in {path}: {detail}"
         )
     rows = {_key_of(r): r for r in stored.get("runs", [])}
-    wanted = stage_runs(plan, 1, rows) + stage_runs(plan, 2, rows)
+    wanted = stage_runs(plan, 1, rows)
+    try:
+        wanted += stage_runs(plan, 2, rows)
+    except ValueError:  # the first stage is unfinished: no second-stage rates yet
+        if require_all:
+            raise
     missing = [r.key for r in wanted if r.key not in rows]
-    if missing:
+    if missing and require_all:
         raise ValueError(
             f"{path} lacks {len(missing)} run(s) of the plan, e.g. {missing[:3]}"
         )
+    return missing
 
 
 def _train_again(plan: Plan, run: Run, part: str | None = None, epochs=None):
@@ -460,3 +471,52 @@ def save_predictions(
     np.savez_compressed(path, **arrays)
     log(f"wrote {path}")
     return path
+
+
+_FILES = ("results.json", PREDICTIONS)
+
+
+def reference_files(name: str = "reference", repo_url: str | None = None):
+    """The plan file and results folder of a committed reference grid.
+
+    Looks for ``book/experiments/<name>.json`` and ``book/results/<name>/``
+    from the working directory upwards (a clone of the book's repository, the
+    chapters' folder included). Outside a clone (a notebook opened alone, as
+    in Colab), ``repo_url`` (a GitHub repository URL, the setup cell's
+    ``REPO_URL``) names where to fetch the committed files from; they are
+    saved under ``~/.cache/mtl_utils/<name>``.
+
+    Returns
+    -------
+    tuple[pathlib.Path, pathlib.Path]
+        ``(plan_file, results_dir)``.
+    """
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        plan = folder / "book" / "experiments" / f"{name}.json"
+        results = folder / "book" / "results" / name
+        if plan.exists() and (results / RESULTS_JSON).exists():
+            return plan, results
+    if repo_url is None:
+        raise FileNotFoundError(
+            f"no book/experiments/{name}.json and book/results/{name}/ in {here} or "
+            "above; run from a clone of the book's repository, or pass repo_url"
+        )
+    import urllib.request
+
+    owner_name = repo_url.rstrip("/").removesuffix(".git").split("github.com/")[-1]
+    raw = f"https://raw.githubusercontent.com/{owner_name}/main/book"
+    cache = Path.home() / ".cache" / "mtl_utils" / name
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = [(f"experiments/{name}.json", cache / f"{name}.json")]
+    wanted += [(f"results/{name}/{f}", cache / f) for f in _FILES]
+    for path, target in wanted:
+        if not target.exists():
+            try:
+                urllib.request.urlretrieve(f"{raw}/{path}", target)
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"could not fetch {raw}/{path} ({err}); set REPO_URL in the "
+                    "setup cell to the repository that holds this book"
+                ) from err
+    return cache / f"{name}.json", cache

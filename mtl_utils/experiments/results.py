@@ -557,10 +557,40 @@ def delta_table(results, columns: Sequence[str] | None = None, seeds=None):
     return out
 
 
+def format_delta_table(table, columns: Sequence[str] | None = None, digits: int = 1):
+    """:func:`delta_table` as text: ``"mean [low, high]"`` per column, in %.
+
+    Rows are labelled ``"architecture / strategy"``; the learning rate column
+    reads "tuned per task" for the single-task networks.
+    """
+    import pandas as pd
+
+    if columns is None:
+        columns = list(
+            dict.fromkeys(c for c, _ in table.columns if c.startswith("delta"))
+        )
+
+    def cell(row, c):
+        mean, low, high = (row[(c, k)] for k in ("mean", "low", "high"))
+        return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+    rates = table[("learning_rate", "")]
+    out = {
+        "learning rate": [
+            ("tuned per task" if np.isnan(lr) else f"{lr:g}") for lr in rates
+        ]
+    }
+    for c in columns:
+        name = "Δm" if c == "delta_m" else "Δ " + c.removeprefix("delta_")
+        out[f"{name} (%)"] = [cell(row, c) for _, row in table.iterrows()]
+    return pd.DataFrame(out, index=[f"{a} / {s}" for a, s in table.index])
+
+
 def paired_differences(
     results,
     reference: tuple[str, str] = ("hard_sharing", "equal"),
     columns: Sequence[str] = ("delta_m",),
+    seeds: int | None = None,
 ):
     """Each (architecture, strategy) against a reference, paired by seed.
 
@@ -570,7 +600,8 @@ def paired_differences(
     Reports the mean difference, its sample standard deviation, the number of
     seeds and a 95 % Student-t interval ``mean ± t_{0.975, n-1} sd / sqrt(n)``.
     With Δ columns (lower is better) a negative interval means the strategy
-    beats the reference.
+    beats the reference. With ``seeds``, only rates trained with that many
+    seeds are considered (:func:`at_tuned_rate`).
 
     Returns
     -------
@@ -586,7 +617,7 @@ def paired_differences(
         raise ValueError(
             f"results have no column(s) {missing}; add them with add_delta_m"
         )
-    chosen = at_tuned_rate(results)
+    chosen = at_tuned_rate(results, seeds)
     if tuple(reference) not in chosen:
         raise ValueError(f"no runs of the reference {reference}; have {sorted(chosen)}")
     ref = chosen[tuple(reference)].set_index("seed")
