@@ -36,6 +36,7 @@ from mtl_utils.experiments.results import (
     _write_results,
     add_delta_m,
     read_run_records,
+    setting_differences,
 )
 
 __all__ = [
@@ -299,15 +300,11 @@ def check_results_match_plan(
     if not path.exists():
         raise FileNotFoundError(f"no results at {path}")
     stored = json.loads(path.read_text())
-    recorded = stored.get("setting", {})
-    setting = json.loads(json.dumps(plan.config().setting()))
-    differ = sorted(
-        k for k in set(setting) | set(recorded) if setting.get(k) != recorded.get(k)
-    )
+    differ = setting_differences(plan.config().setting(), stored.get("setting", {}))
     if differ:
         detail = ", ".join(
-            f"{k}: plan {setting.get(k)!r} vs results {recorded.get(k)!r}"
-            for k in differ
+            f"{k}: plan {mine!r} vs results {theirs!r}"
+            for k, (mine, theirs) in differ.items()
         )
         raise ValueError(
             f"{plan_path} differs from the setting recorded in {path}: {detail}"

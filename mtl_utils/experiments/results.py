@@ -20,16 +20,26 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 
 
+def setting_differences(wanted: Mapping, recorded: Mapping) -> dict[str, tuple]:
+    """The fields whose values differ between two settings: ``{field: (a, b)}``.
+
+    Settings are compared as JSON stores them (tuples as lists).
+    """
+    wanted, recorded = json.loads(json.dumps(wanted)), json.loads(json.dumps(recorded))
+    keys = sorted(set(wanted) | set(recorded))
+    return {
+        k: (wanted.get(k), recorded.get(k))
+        for k in keys
+        if wanted.get(k) != recorded.get(k)
+    }
+
+
 def _read_results(path: Path, config: ExperimentConfig) -> dict[str, dict]:
     if not path.exists():
         return {}
     stored = json.loads(path.read_text())
-    setting = json.loads(json.dumps(config.setting()))
-    if stored.get("setting") != setting:
-        old = stored.get("setting", {})
-        differ = sorted(
-            k for k in set(old) | set(setting) if old.get(k) != setting.get(k)
-        )
+    differ = sorted(setting_differences(config.setting(), stored.get("setting", {})))
+    if differ:
         raise ValueError(
             f"{path} was written with a different setting (differing: {differ}); "
             "expected the same data, model and training settings to resume. Use "
