@@ -28,7 +28,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
@@ -123,6 +123,8 @@ def run_chapter(path: Path) -> tuple[list[str], int]:
         where = f"cell {index} (id {cell.get('id')})" if cell else "a cell"
         what = f"{error['ename']}: {error['evalue']}" if error else str(err)[-500:]
         problems.append(f"  {where} raised {what}")
+    except (CellTimeoutError, DeadKernelError) as err:  # the next chapter still runs
+        problems.append(f"  {type(err).__name__}: {str(err).splitlines()[0]}")
     on_stderr, harmless = stderr_problems(nb)
     problems += on_stderr
     if os.environ.get("COLAB_SAVE_DIR"):
