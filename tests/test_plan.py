@@ -172,6 +172,15 @@ def test_the_cosine_schedule_equals_keras_cosine_decay():
     assert float(ours(0)) == pytest.approx(0.004)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         cosine_to_zero(0.001, 0)
+    # with a linear warmup: Keras' CosineDecay from 0 with warmup_steps
+    ours = cosine_to_zero(0.004, 100, warmup=10)
+    theirs = keras.optimizers.schedules.CosineDecay(
+        0.0, 90, alpha=0.0, warmup_target=0.004, warmup_steps=10
+    )
+    for step in (0, 1, 5, 9, 10, 11, 50, 99, 100, 130):
+        assert float(ours(step)) == pytest.approx(float(theirs(step)), abs=1e-9)
+    with pytest.raises(ValueError, match="warmup must be in"):
+        cosine_to_zero(0.001, 10, warmup=10)
 
 
 RESULTS = REFERENCE.parents[1] / "results" / "reference"

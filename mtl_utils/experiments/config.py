@@ -17,7 +17,7 @@ NO_STRATEGY = "none"
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 _ID_COLUMNS = ("architecture", "strategy", "seed", "learning_rate")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
 #: CPU kernel sets, as ``TF_ENABLE_ONEDNN_OPTS`` chooses them.
 KERNELS = ("onednn", "eigen")
 #: Strategy names of :func:`mtl_utils.weighting.get` (kept here so that checking
@@ -184,7 +184,9 @@ class ExperimentConfig:
     lr_schedule:
         ``"constant"`` (Adam at the run's learning rate) or ``"cosine"`` (the
         learning rate falls from the run's value to 0 over all updates along a
-        half cosine, so the networks end at rest and seeds scatter less).
+        half cosine, so the networks end at rest and seeds scatter less), or
+        ``"warmup_cosine"`` (the same after a linear rise from 0 over the first
+        epoch, so that early steps at a high rate do not send seeds apart).
     threads:
         TensorFlow intra- and inter-op threads of the process (``None``: its
         default). One thread makes every run bit-reproducible on a CPU and lets

@@ -103,17 +103,24 @@ def make_strategy(name: str, seed: int = 0):
     return weighting.get(name)
 
 
-def cosine_to_zero(peak: float, steps: int):
+def cosine_to_zero(peak: float, steps: int, warmup: int = 0):
     """Learning rate ``peak * (1 + cos(pi * t / steps)) / 2`` at update ``t``.
 
     A ``keras.optimizers.schedules.LearningRateSchedule`` that falls from
     ``peak`` at the first update to 0 after ``steps`` updates (and stays 0).
-    Its ``peak`` is a variable, so a traced training step follows a new peak
-    set with ``schedule.peak.assign(value)``.
+    With ``warmup`` it first rises linearly from 0 to ``peak`` over ``warmup``
+    updates, then falls along the half cosine over the remaining
+    ``steps - warmup`` (as ``keras.optimizers.schedules.CosineDecay`` with
+    ``warmup_steps``). Its ``peak`` is a variable, so a traced training step
+    follows a new peak set with ``schedule.peak.assign(value)``.
     """
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1; received {steps!r}")
-    return _cosine_class()(peak, steps)
+    if not 0 <= int(warmup) < int(steps):
+        raise ValueError(
+            f"warmup must be in [0, steps) = [0, {steps}); received {warmup!r}"
+        )
+    return _cosine_class()(peak, steps, warmup)
 
 
 @functools.cache
@@ -122,20 +129,31 @@ def _cosine_class():
 
     @keras.saving.register_keras_serializable(package="mtl_utils")
     class CosineToZero(keras.optimizers.schedules.LearningRateSchedule):
-        def __init__(self, peak: float, steps: int):
+        def __init__(self, peak: float, steps: int, warmup: int = 0):
             self.peak = keras.Variable(
                 float(peak), trainable=False, dtype="float32", name="peak_lr"
             )
             self.steps = int(steps)
+            self.warmup = int(warmup)
 
         def __call__(self, step):
             from keras import ops
 
-            t = ops.minimum(ops.cast(step, "float32"), float(self.steps))
-            return self.peak * 0.5 * (1.0 + ops.cos(math.pi * t / self.steps))
+            if not self.warmup:
+                t = ops.minimum(ops.cast(step, "float32"), float(self.steps))
+                return self.peak * 0.5 * (1.0 + ops.cos(math.pi * t / self.steps))
+            s = ops.cast(step, "float32")
+            w, rest = float(self.warmup), float(self.steps - self.warmup)
+            t = ops.minimum(ops.maximum(s - w, 0.0), rest)
+            falling = self.peak * 0.5 * (1.0 + ops.cos(math.pi * t / rest))
+            return ops.where(s < w, self.peak * s / w, falling)
 
         def get_config(self):
-            return {"peak": float(self.peak.numpy()), "steps": self.steps}
+            return {
+                "peak": float(self.peak.numpy()),
+                "steps": self.steps,
+                "warmup": self.warmup,
+            }
 
     return CosineToZero
 
@@ -158,13 +176,19 @@ class _Trainable:
     """
 
     def __init__(
-        self, model, strategy, tasks, learning_rate: float, cosine_steps: int = 0
+        self,
+        model,
+        strategy,
+        tasks,
+        learning_rate: float,
+        cosine_steps: int = 0,
+        warmup_steps: int = 0,
     ):
         import keras
 
         rate: Any = learning_rate
         if cosine_steps:
-            rate = cosine_to_zero(learning_rate, cosine_steps)
+            rate = cosine_to_zero(learning_rate, cosine_steps, warmup_steps)
         model.compile(
             keras.optimizers.Adam(rate), losses=list(tasks), weighting=strategy
         )
@@ -271,7 +295,10 @@ class _Runner:
                 tasks,
                 run.learning_rate,
                 cosine_steps=self.total_updates(tasks)
-                if self.config.lr_schedule == "cosine"
+                if self.config.lr_schedule in ("cosine", "warmup_cosine")
+                else 0,
+                warmup_steps=self.total_updates(tasks) // self.config.epochs
+                if self.config.lr_schedule == "warmup_cosine"
                 else 0,
             )
         trainable = self.cache[key]
