@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -267,6 +268,173 @@ class WeightingCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.strategy.on_epoch_end(epoch, logs)
+
+
+# ------------------------------------------------------------ per-task gradients
+
+
+def _flatten(grads):
+    return ops.concatenate([ops.reshape(g, (-1,)) for g in grads], axis=0)
+
+
+def _unflatten(flat, variables):
+    out, start = [], 0
+    for v in variables:
+        size = int(np.prod(v.shape))
+        out.append(ops.reshape(flat[start : start + size], v.shape))
+        start += size
+    return out
+
+
+def _flat_jacobian(tape, stacked, variables):
+    """``(T, P)`` Jacobian of the ``(T,)`` tensor ``stacked`` (vectorised)."""
+    jac = tape.jacobian(
+        stacked,
+        _raw(variables),
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        experimental_use_pfor=True,
+    )
+    n = stacked.shape[0]
+    return ops.concatenate([ops.reshape(j, (n, -1)) for j in jac], axis=1)
+
+
+class _Cut(NamedTuple):
+    """Where a gradient step's forward pass was split (see ``_split_forward``).
+
+    ``staged``: the forward pass was split; ``boundary``: the shared part's
+    boundary tensors; ``leaves``: the copies of
+    them, cut off from the shared part, that the heads read (both empty without
+    a split); ``z``: the representation when the shared part returns it
+    separately; ``z_index``: its position among the boundary tensors, if any.
+    """
+
+    staged: bool
+    boundary: list
+    leaves: list
+    z: object
+    z_index: int | None
+
+
+class _TaskGradients:
+    """Per-task gradients of one training step, read from its persistent tape.
+
+    With a boundary split, the constructor runs stage 1: one backward pass
+    through each head gives task ``i``'s gradient with respect to the boundary
+    tensors (``boundary_grads[i]``, the cotangents stage 2 starts from) and to
+    its own head (``head_grads[i]``). Stage 2 goes through the shared layers:
+    once per task for the ``(T, P)`` matrix (:meth:`matrix`) or once for a
+    weighted sum (:meth:`weighted`); no forward pass is repeated. Without a
+    split (a shared layer called again inside a head), the matrix is one
+    vectorised Jacobian of the stacked task losses.
+
+    Parameters
+    ----------
+    tape:
+        The persistent ``tf.GradientTape`` the forward pass ran under.
+    cut:
+        The forward pass's :class:`_Cut`.
+    scaled, scaled_vec:
+        The ``T`` scalar losses the optimizer differentiates, and their stack
+        (computed under ``tape``).
+    head_vars:
+        Each task's own (head) variables, in task order.
+    need_z:
+        Also take every task's gradient w.r.t. the representation (``z_grads``).
+    """
+
+    def __init__(self, tape, cut, scaled, scaled_vec, head_vars, need_z=False):
+        self.tape, self.cut = tape, cut
+        self.scaled, self.scaled_vec = scaled, scaled_vec
+        self.head_vars = head_vars
+        self.staged = cut.staged
+        self.boundary_grads, self.head_grads, self.z_grads = [], [], []
+        zero = tf.UnconnectedGradients.ZERO
+        nb = len(cut.boundary)
+        if self.staged:
+            for loss, variables in zip(scaled, head_vars, strict=True):
+                g = tape.gradient(
+                    loss, cut.leaves + _raw(variables), unconnected_gradients=zero
+                )
+                self.boundary_grads.append(g[:nb])
+                self.head_grads.append(g[nb:])
+                if need_z and cut.z_index is not None:
+                    self.z_grads.append(g[cut.z_index])
+                elif need_z:  # z inside the shared part: continue back to it
+                    self.z_grads.append(
+                        tape.gradient(
+                            cut.boundary,
+                            cut.z,
+                            output_gradients=g[:nb],
+                            unconnected_gradients=zero,
+                        )
+                    )
+        elif need_z:
+            self.z_grads = [
+                tape.gradient(loss, cut.z, unconnected_gradients=zero)
+                for loss in scaled
+            ]
+
+    def matrix(self, variables):
+        """``(T, P)`` per-task gradients of ``variables`` on this replica (scaled).
+
+        Staged: one backward pass through the shared layers per task, each from
+        that task's boundary cotangents. A plain loop measured faster on CPU
+        than ``tf.vectorized_map`` over tasks.
+        """
+        if not self.staged:
+            return _flat_jacobian(self.tape, self.scaled_vec, variables)
+        rows = []
+        for cotangents in self.boundary_grads:
+            grads = self.tape.gradient(
+                self.cut.boundary,
+                _raw(variables),
+                output_gradients=list(cotangents),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            rows.append(_flatten(grads))
+        return ops.stack(rows)
+
+    def weighted(self, coef, variables):
+        """Gradients of ``sum_i coef_i * scaled_i`` w.r.t. ``variables``: one
+        backward pass (staged: from the coefficient-weighted boundary
+        cotangents)."""
+        zero = tf.UnconnectedGradients.ZERO
+        if not self.staged:
+            return self.tape.gradient(
+                self.scaled_vec,
+                _raw(variables),
+                output_gradients=coef,
+                unconnected_gradients=zero,
+            )
+        n = len(self.scaled)
+        # Boundary tensors are float16 under a mixed policy.
+        cotangents = [
+            sum(
+                ops.cast(coef[i], self.boundary_grads[i][k].dtype)
+                * self.boundary_grads[i][k]
+                for i in range(n)
+            )
+            for k in range(len(self.cut.boundary))
+        ]
+        return self.tape.gradient(
+            self.cut.boundary,
+            _raw(variables),
+            output_gradients=cotangents,
+            unconnected_gradients=zero,
+        )
+
+    def heads(self):
+        """Each task's (scaled) gradient of its own head's variables."""
+        if self.staged:
+            return self.head_grads
+        return [
+            self.tape.gradient(
+                loss,
+                _raw(variables),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            for loss, variables in zip(self.scaled, self.head_vars, strict=True)
+        ]
 
 
 # ---------------------------------------------------------------------------- state
@@ -510,6 +678,15 @@ class MultiTaskModel(keras.Model):
                 "output>)"
             ),
         }
+        self._find_boundary(info, nodes, shared_nodes, task_names)
+        if st.representation is not None:
+            self._find_last_shared_layer(info, shared_nodes, shared_ids, task_names)
+        return info
+
+    def _find_boundary(self, info, nodes, shared_nodes, task_names) -> None:
+        """Set ``info["boundary"]`` (the shared nodes' outputs that heads read)
+        and ``info["raw_inputs"]`` (model inputs read directly by a head)."""
+        st = self._mtl
         boundary, seen = [], set()
 
         def add(tensor):
@@ -536,25 +713,28 @@ class MultiTaskModel(keras.Model):
             if id(_node_of(st.outputs[t])) in shared_nodes:
                 add(st.outputs[t])
         info["boundary"] = boundary
+
+    def _find_last_shared_layer(self, info, shared_nodes, shared_ids, task_names):
+        """Check the representation is shared; set GradNorm's ``last_layer`` and
+        its shared variables (or the reason none was found) in ``info``."""
+        st = self._mtl
         rep = st.representation
-        if rep is not None:
-            if id(_node_of(rep)) not in shared_nodes and len(task_names) > 1:
-                raise ValueError(
-                    "the representation is used by only one of the tasks "
-                    f"{list(task_names)}; it must be a tensor every task shares"
-                )
-            layer = st.last_shared_layer
-            if layer is None:
-                try:
-                    layer = _find_last_weighted_layer(rep)
-                except ValueError as error:  # only GradNorm needs it
-                    info["last_layer_error"] = str(error)
-            if layer is not None:
-                info["last_layer"] = layer
-                info["last_layer_vars"] = [
-                    v for v in layer.trainable_variables if id(v) in shared_ids
-                ]
-        return info
+        if id(_node_of(rep)) not in shared_nodes and len(task_names) > 1:
+            raise ValueError(
+                "the representation is used by only one of the tasks "
+                f"{list(task_names)}; it must be a tensor every task shares"
+            )
+        layer = st.last_shared_layer
+        if layer is None:
+            try:
+                layer = _find_last_weighted_layer(rep)
+            except ValueError as error:  # only GradNorm needs it
+                info["last_layer_error"] = str(error)
+        if layer is not None:
+            info["last_layer"] = layer
+            info["last_layer_vars"] = [
+                v for v in layer.trainable_variables if id(v) in shared_ids
+            ]
 
     # ------------------------------------------------------------------ compile
     def compile(
@@ -599,6 +779,31 @@ class MultiTaskModel(keras.Model):
             raise ValueError(
                 "MultiTaskModel.compile takes losses={task: loss} (plural), not loss="
             )
+        loss_fns, kinds = self._loss_functions(losses)
+        task_names = [n for n in self._mtl.output_names if n in loss_fns]
+        strategy = weighting_module.get(weighting)
+        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        info = self._partition(task_names)
+        self._check_strategy_fits(strategy, info)
+        strategy.build(task_names, kinds, self.optimizer)
+        self._build_step_models(strategy.mode, info, task_names)
+        st = self._mtl
+        st.task_names = task_names
+        st.loss_fns = loss_fns
+        st.weighting = strategy
+        st.info = info
+        st.stop_on_nan = stop_on_nan
+        self._build_trackers(task_names, info)
+        st.compiled = True
+        self._restore_weighting_state()  # loaded before compile
+        # Create the optimizer's slots now: left to fit(), TensorFlow creates them
+        # while tracing the training step and then traces the step a second time.
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
+    def _loss_functions(self, losses) -> tuple[dict, dict]:
+        """``({task: loss function}, {task: kind})`` from ``compile(losses=...)``."""
         if losses is None:
             raise ValueError(
                 "compile needs losses={task: loss}; the model's outputs are "
@@ -642,10 +847,11 @@ class MultiTaskModel(keras.Model):
                     f"losses[{name!r}] must be a callable, a Task or a loss name; "
                     f"got {type(spec).__name__}"
                 )
-        task_names = [n for n in known if n in loss_fns]
-        strategy = weighting_module.get(weighting)
-        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
-        info = self._partition(task_names)
+        return loss_fns, kinds
+
+    def _check_strategy_fits(self, strategy, info) -> None:
+        """Refuse a strategy that needs what the model lacks (a representation, a
+        last shared layer with variables, shared variables)."""
         mode = strategy.mode
         if mode in ("representation", "last_shared_layer"):
             if self._mtl.representation is None:
@@ -667,7 +873,11 @@ class MultiTaskModel(keras.Model):
                 f"{strategy!r} combines gradients of shared parameters, but no "
                 "trainable variable is used by two or more tasks"
             )
-        strategy.build(task_names, kinds, self.optimizer)
+
+    def _build_step_models(self, mode, info, task_names) -> None:
+        """The models a gradient step runs: the shared part and the heads split
+        at the boundary tensors, or (tied weights) one model that also returns
+        the representation."""
         st = self._mtl
         st.step_model = st.shared_model = st.head_model = None
         rep = st.representation
@@ -687,11 +897,11 @@ class MultiTaskModel(keras.Model):
             if rep is not None:
                 extra["representation"] = rep
             st.step_model = keras.Model(inputs=st.inputs, outputs=extra)
-        st.task_names = task_names
-        st.loss_fns = loss_fns
-        st.weighting = strategy
-        st.info = info
-        st.stop_on_nan = stop_on_nan
+
+    def _build_trackers(self, task_names, info) -> None:
+        """Loss and weight trackers, the trained variables and the non-finite
+        step counters."""
+        st = self._mtl
         st.task_trackers = {t: keras.metrics.Mean(name=f"{t}_loss") for t in task_names}
         st.weight_trackers = {
             t: keras.metrics.Mean(name=f"weight_{t}") for t in task_names
@@ -710,13 +920,6 @@ class MultiTaskModel(keras.Model):
             name="nonfinite_counts",
             aggregation="only_first_replica",
         )
-        st.compiled = True
-        self._restore_weighting_state()  # loaded before compile
-        # Create the optimizer's slots now: left to fit(), TensorFlow creates them
-        # while tracing the training step and then traces the step a second time.
-        if self.optimizer is not None and not self.optimizer.built:
-            with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
 
     @property
     def weighting(self) -> weighting_module.Weighting | None:
@@ -993,258 +1196,260 @@ class MultiTaskModel(keras.Model):
         return outputs, losses, ops.stop_gradient(weights)
 
     def _gradient_step(self, x, y):
+        """One step of a gradient-based strategy: ``(outputs, losses, weights)``.
+
+        1. One forward pass, split at the boundary tensors
+           (:meth:`_split_forward`); the task losses, scaled as the optimizer
+           differentiates them (:meth:`_scaled_task_losses`).
+        2. Per-task gradients from the tape (:class:`_TaskGradients`: one backward
+           pass through each head, then the shared layers once per task or once
+           for a weighted sum).
+        3. The strategy's coefficients and the shared parameters' gradients
+           (:meth:`_combine_shared`); each head gets its own task's gradient times
+           the task's head coefficient (:meth:`_step_gradients`).
+        4. The update, applied only when everything is finite; a skipped step
+           also undoes the strategy's state update (:meth:`_snapshot_strategy`).
+        """
         st = self._mtl
-        info = st.info
-        strategy = st.weighting
-        mode = strategy.mode
-        names = st.task_names
-        n = len(names)
-        replicas = self._replicas()
-        zero = tf.UnconnectedGradients.ZERO
-        head_vars = info["head_vars"]
-        shared_vars = info["shared_vars"]
-        staged = info["boundary_ok"]  # two-stage backward pass through boundary
-        nb = len(info["boundary"])
-        z_index = next(
-            (k for k, b in enumerate(info["boundary"]) if b is st.representation), None
-        )
         counts = self._labelled_counts(x, y)
         share, global_counts = self._replica_shares(counts)
         present = ops.cast(global_counts > 0, "float32")
         with tf.GradientTape(persistent=True) as tape:
-            if staged:
-                shared_out = keras.tree.flatten(st.shared_model(x, training=True))
-                boundary, z = shared_out[:nb], (shared_out[nb:] or [None])[0]
-                # The heads read copies cut off from the shared layers, so that
-                # gradients w.r.t. them are partial derivatives through the heads.
-                leaves = [tf.stop_gradient(b) for b in boundary]
-                for leaf in leaves:
-                    tape.watch(leaf)
-                raw = [x] if info["raw_inputs"] else []
-                outputs = st.head_model(leaves + raw, training=True)
-            else:
-                res = st.step_model(x, training=True)
-                outputs, z = res["outputs"], res.get("representation")
-                boundary = leaves = []
+            outputs, cut = self._split_forward(tape, x)
             losses = self._task_losses(y, outputs)
             reg = self._regularization()
-            # factor: loss scale (mixed precision) over the number of replicas;
-            # share * replicas weights this replica's losses by its labels, so
-            # that the replicas' sum is the global-batch loss.
-            factor = self.optimizer.scale_loss(ops.convert_to_tensor(1.0)) / replicas
-            label_weight = share * replicas
-            scaled = [loss * factor * label_weight[i] for i, loss in enumerate(losses)]
+            scaled, factor = self._scaled_task_losses(losses, share)
             scaled_vec = ops.stack(scaled)
             scaled_reg = reg * factor
         # Strategies see the losses and label counts of the global batch.
         loss_vec = self._all_reduce(ops.stack(losses) * share)
-        true_scale = factor * replicas
-
-        # Stage 1: one backward pass through each head gives the task's gradient
-        # w.r.t. the boundary tensors and its own head.
-        need_z = mode == "representation"
-        bgrads, zgrads, head_grads = [], [], []
-        if staged:
-            for i, t in enumerate(names):
-                g = tape.gradient(
-                    scaled[i], leaves + _raw(head_vars[t]), unconnected_gradients=zero
-                )
-                bgrads.append(g[:nb])
-                head_grads.append(g[nb:])
-                if need_z and z_index is not None:
-                    zgrads.append(g[z_index])
-                elif need_z:  # z inside the shared part: continue back to it
-                    zgrads.append(
-                        tape.gradient(
-                            boundary,
-                            z,
-                            output_gradients=g[:nb],
-                            unconnected_gradients=zero,
-                        )
-                    )
-        elif need_z:
-            zgrads = [
-                tape.gradient(s_i, z, unconnected_gradients=zero) for s_i in scaled
-            ]
-
-        def weighted_shared_grads(coef):
-            """Shared gradients of sum_i coef_i L_i: one backward pass."""
-            if staged:
-                # Boundary tensors are float16 under a mixed policy.
-                cotangents = [
-                    sum(
-                        ops.cast(coef[i], bgrads[i][k].dtype) * bgrads[i][k]
-                        for i in range(n)
-                    )
-                    for k in range(nb)
-                ]
-                return tape.gradient(
-                    boundary,
-                    _raw(shared_vars),
-                    output_gradients=cotangents,
-                    unconnected_gradients=zero,
-                )
-            return tape.gradient(
-                scaled_vec,
-                _raw(shared_vars),
-                output_gradients=coef,
-                unconnected_gradients=zero,
-            )
-
-        def per_task_local(variables):
-            """(T, P) per-task gradients of ``variables`` on this replica."""
-            if staged:
-                return self._boundary_vjps(tape, boundary, bgrads, variables)
-            return self._flat_jacobian(tape, scaled_vec, variables)
-
-        def per_task_matrix(variables):
-            """(T, P) per-task gradients (true scale, summed over replicas)."""
-            return self._all_reduce(per_task_local(variables)) / true_scale
-
-        def coefficients(combo):
-            return (
-                ops.stop_gradient(ops.cast(combo.shared, "float32")),
-                ops.stop_gradient(ops.cast(combo.heads, "float32")),
-            )
-
-        # A step with a non-finite gradient is skipped (by the optimizer under
-        # dynamic loss scaling, which also lowers the scale; else by
-        # _apply_if_finite). The strategy must skip it too: it gets finite
-        # stand-ins (a NaN Gram matrix would crash a linear solve) and, once every
-        # gradient the optimizer sees is known, its state is restored where any of
-        # them is not finite (below), so that no NaN reaches, e.g., GradNorm's
-        # weights. All replicas see the same all-reduced gradients, so they agree.
-        state = strategy.state_variables()
-        saved_state = [ops.copy(v) for v in state]
-
-        def combine(gram, flat):
-            """The strategy's ``(shared, heads)`` coefficients."""
-            finite = ops.logical_and(
-                ops.all(ops.isfinite(gram)), ops.all(ops.isfinite(loss_vec))
-            )
-            return coefficients(
-                strategy.combine_gradients(
-                    ops.where(finite, gram, ops.eye(n)),
-                    ops.where(finite, loss_vec, ops.ones_like(loss_vec)),
-                    None if flat is None else ops.where(finite, flat, 0.0),
-                    present,
-                )
-            )
-
-        # The gradients the strategy looks at, its combination, and the shared
-        # parameters' gradients.
-        if mode == "representation":
-            # float32 before squaring: scaled float16 gradients would overflow
-            zflat = ops.cast(ops.reshape(ops.stack(zgrads), (n, -1)), "float32")
-            gram = self._all_reduce(ops.matmul(zflat, ops.transpose(zflat)))
-            gram = gram / ops.square(true_scale)
-            shared_coef, head_coef = combine(gram, None)
-            shared_grads = weighted_shared_grads(shared_coef)
-        elif mode == "last_shared_layer":
-            flat = per_task_matrix(info["last_layer_vars"])
-            gram = ops.matmul(flat, ops.transpose(flat))
-            shared_coef, head_coef = combine(gram, flat)
-            shared_grads = weighted_shared_grads(shared_coef)
-        elif strategy.update_every == 1:
-            flat = per_task_matrix(shared_vars)
-            gram = ops.matmul(flat, ops.transpose(flat))
-            shared_coef, head_coef = combine(gram, flat)
-            d = ops.matmul(shared_coef[None, :], flat)[0] * factor
-            shared_grads = self._unflatten(d, shared_vars)
-        else:
-            # Recompute every k-th step, else reuse the last coefficients. The
-            # replicas' all-reduce stays outside tf.cond (tf.distribute needs it).
-            last = strategy.last_combination
-            every = ops.cast(strategy.update_every, self.optimizer.iterations.dtype)
-            due = ops.equal(self.optimizer.iterations % every, 0)
-            size = sum(int(np.prod(v.shape)) for v in shared_vars)
-            local = tf.cond(
-                due,
-                lambda: per_task_local(shared_vars),
-                lambda: tf.zeros((n, size), "float32"),
-            )
-            flat = self._all_reduce(local) / true_scale
-
-            def recompute():
-                gram = ops.matmul(flat, ops.transpose(flat))
-                shared_coef, head_coef = combine(gram, flat)
-                d = ops.matmul(shared_coef[None, :], flat)[0] * factor
-                return [shared_coef, head_coef] + self._unflatten(d, shared_vars)
-
-            def reuse():
-                coef = ops.copy(last)
-                return [coef[0], coef[1]] + list(weighted_shared_grads(coef[0]))
-
-            out = tf.cond(due, recompute, reuse)
-            shared_coef, head_coef, shared_grads = out[0], out[1], out[2:]
-            # (A step that loss scaling skips restores this with the rest of the
-            # strategy's state, below.)
-            last.assign(ops.stack([shared_coef, head_coef]))
-        grads = {id(v): g for v, g in zip(shared_vars, shared_grads, strict=True)}
-        # Heads: each gets its own task's gradient times heads[i].
-        if not head_grads:
-            head_grads = [
-                tape.gradient(scaled[i], _raw(head_vars[t]), unconnected_gradients=zero)
-                for i, t in enumerate(names)
-            ]
-        for i, t in enumerate(names):
-            for v, g in zip(head_vars[t], head_grads[i], strict=True):
-                grads[id(v)] = head_coef[i] * g
-        if self.losses:
-            reg_grads = tape.gradient(
-                scaled_reg, _raw(st.train_vars), unconnected_gradients=zero
-            )
-            for v, g in zip(st.train_vars, reg_grads, strict=True):
-                grads[id(v)] = grads[id(v)] + g
-        ordered = [grads[id(v)] for v in st.train_vars]
-        finite = self._check_finite_step(x, losses, ordered + [loss_vec])
-        for v, old in zip(state, saved_state, strict=True):
-            v.assign(ops.where(finite, v, old))
-        self._apply_if_finite(finite, self.optimizer.apply, ordered, st.train_vars)
+        task_grads = _TaskGradients(
+            tape,
+            cut,
+            scaled,
+            scaled_vec,
+            [st.info["head_vars"][t] for t in st.task_names],
+            need_z=st.weighting.mode == "representation",
+        )
+        restore = self._snapshot_strategy()
+        shared_coef, head_coef, shared_grads = self._combine_shared(
+            task_grads, loss_vec, present, factor
+        )
+        grads = self._step_gradients(task_grads, shared_grads, head_coef, scaled_reg)
+        finite = self._check_finite_step(x, losses, grads + [loss_vec])
+        restore(finite)
+        self._apply_if_finite(finite, self.optimizer.apply, grads, st.train_vars)
         self._update_loss_trackers(x, losses, counts, reg, loss_vec)
         return outputs, losses, shared_coef
 
-    def _boundary_vjps(self, tape, boundary, bgrads, variables):
-        """``(T, P)`` per-task gradients of ``variables`` from boundary cotangents.
+    def _split_forward(self, tape, x):
+        """The forward pass of a gradient step, run under ``tape``: ``(outputs, cut)``.
 
-        One backward pass through the shared layers per task, each starting from
-        that task's cotangents at the boundary (no forward pass is repeated). A
-        plain loop measured faster on CPU than ``tf.vectorized_map`` over tasks.
+        With a boundary split, the shared part runs first and the heads read
+        copies of its boundary tensors cut off from it (``tf.stop_gradient``,
+        watched by the tape), so that gradients with respect to them are partial
+        derivatives through the heads. Without one (tied weights), the whole
+        model runs at once and ``cut`` has no boundary tensors.
         """
-        rows = []
-        for cotangents in bgrads:
-            grads = tape.gradient(
-                boundary,
-                _raw(variables),
-                output_gradients=list(cotangents),
+        st = self._mtl
+        info = st.info
+        if not info["boundary_ok"]:
+            res = st.step_model(x, training=True)
+            return res["outputs"], _Cut(False, [], [], res.get("representation"), None)
+        nb = len(info["boundary"])
+        z_index = next(
+            (k for k, b in enumerate(info["boundary"]) if b is st.representation), None
+        )
+        shared_out = keras.tree.flatten(st.shared_model(x, training=True))
+        boundary, z = shared_out[:nb], (shared_out[nb:] or [None])[0]
+        leaves = [tf.stop_gradient(b) for b in boundary]
+        for leaf in leaves:
+            tape.watch(leaf)
+        raw = [x] if info["raw_inputs"] else []
+        outputs = st.head_model(leaves + raw, training=True)
+        return outputs, _Cut(True, boundary, leaves, z, z_index)
+
+    def _scaled_task_losses(self, losses, share):
+        """``(scaled, factor)``: the task losses as the optimizer differentiates them.
+
+        Loss-scale handling. ``factor`` is the loss scale (mixed precision; 1
+        otherwise) over the number of replicas, and ``share * replicas`` weights
+        this replica's losses by its labels, so that the replicas' sum is the
+        global-batch loss. Gradients of ``scaled`` are therefore
+        ``factor * replicas`` times the true ones, which is divided out where a
+        strategy reads them (:meth:`_global_task_matrix`,
+        :meth:`_representation_gram`); the shared update is scaled back by
+        ``factor`` for the optimizer, which unscales it.
+        """
+        replicas = self._replicas()
+        factor = self.optimizer.scale_loss(ops.convert_to_tensor(1.0)) / replicas
+        label_weight = share * replicas
+        scaled = [loss * factor * label_weight[i] for i, loss in enumerate(losses)]
+        return scaled, factor
+
+    def _global_task_matrix(self, local, true_scale):
+        """Replica reduction: the global batch's ``(T, P)`` per-task gradients.
+
+        ``local`` holds this replica's rows of scaled gradients; their sum over
+        replicas divided by ``true_scale`` (loss scale) is the gradient matrix of
+        the global-batch task losses, the same on every replica.
+        """
+        return self._all_reduce(local) / true_scale
+
+    def _representation_gram(self, z_grads, true_scale):
+        """``(T, T)`` Gram matrix of the task gradients w.r.t. the representation,
+        summed over replicas, at true scale (MGDA-UB)."""
+        n = len(z_grads)
+        # float32 before squaring: scaled float16 gradients would overflow
+        zflat = ops.cast(ops.reshape(ops.stack(z_grads), (n, -1)), "float32")
+        gram = self._all_reduce(ops.matmul(zflat, ops.transpose(zflat)))
+        return gram / ops.square(true_scale)
+
+    def _coefficients(self, gram, loss_vec, flat, present):
+        """The strategy's ``(shared, heads)`` coefficients: float32, constants.
+
+        A step with a non-finite gradient is skipped (by the optimizer under
+        dynamic loss scaling, which also lowers the scale; else by
+        :meth:`_apply_if_finite`). The strategy must skip it too: it gets finite
+        stand-ins here (a NaN Gram matrix would crash a linear solve), and its
+        state is restored once every gradient is known
+        (:meth:`_snapshot_strategy`). All replicas see the same all-reduced
+        values, so they agree.
+        """
+        n = len(self._mtl.task_names)
+        finite = ops.logical_and(
+            ops.all(ops.isfinite(gram)), ops.all(ops.isfinite(loss_vec))
+        )
+        combo = self._mtl.weighting.combine_gradients(
+            ops.where(finite, gram, ops.eye(n)),
+            ops.where(finite, loss_vec, ops.ones_like(loss_vec)),
+            None if flat is None else ops.where(finite, flat, 0.0),
+            present,
+        )
+        return (
+            ops.stop_gradient(ops.cast(combo.shared, "float32")),
+            ops.stop_gradient(ops.cast(combo.heads, "float32")),
+        )
+
+    def _combine_shared(self, task_grads, loss_vec, present, factor):
+        """``(shared_coef, head_coef, shared_grads)``: the strategy's combination.
+
+        What the strategy looks at depends on its ``mode``: the Gram matrix of
+        the representation gradients (MGDA-UB), the per-task gradients of the
+        last shared layer (GradNorm), or those of every shared parameter (PCGrad,
+        MGDA, CAGrad, ...; with ``update_every > 1`` through
+        :meth:`_cached_combination`).
+        """
+        st = self._mtl
+        strategy = st.weighting
+        shared_vars = st.info["shared_vars"]
+        true_scale = factor * self._replicas()
+
+        def combine(gram, flat):
+            return self._coefficients(gram, loss_vec, flat, present)
+
+        if strategy.mode == "representation":
+            gram = self._representation_gram(task_grads.z_grads, true_scale)
+            shared_coef, head_coef = combine(gram, None)
+        elif strategy.mode == "last_shared_layer":
+            local = task_grads.matrix(st.info["last_layer_vars"])
+            flat = self._global_task_matrix(local, true_scale)
+            gram = ops.matmul(flat, ops.transpose(flat))
+            shared_coef, head_coef = combine(gram, flat)
+        elif strategy.update_every == 1:
+            local = task_grads.matrix(shared_vars)
+            flat = self._global_task_matrix(local, true_scale)
+            return self._combined_from_matrix(flat, combine, factor)
+        else:
+            return self._cached_combination(task_grads, combine, factor, true_scale)
+        return shared_coef, head_coef, task_grads.weighted(shared_coef, shared_vars)
+
+    def _combined_from_matrix(self, flat, combine, factor):
+        """``(shared_coef, head_coef, shared_grads)`` from the ``(T, P)`` matrix.
+
+        The shared update is ``shared_coef @ flat`` (true scale) times ``factor``,
+        the scale the optimizer expects, split back into the shared variables.
+        """
+        gram = ops.matmul(flat, ops.transpose(flat))
+        shared_coef, head_coef = combine(gram, flat)
+        d = ops.matmul(shared_coef[None, :], flat)[0] * factor
+        return shared_coef, head_coef, _unflatten(d, self._mtl.info["shared_vars"])
+
+    def _cached_combination(self, task_grads, combine, factor, true_scale):
+        """The ``update_every = k > 1`` cache: recompute every k-th step, else reuse.
+
+        On a due step (the optimizer's iteration a multiple of ``k``) this is
+        :meth:`_combined_from_matrix`; in between, the last coefficients
+        (``strategy.last_combination``) weight one backward pass through the
+        shared layers. The replicas' all-reduce stays outside ``tf.cond``
+        (tf.distribute needs it), so steps in between reduce zeros. A skipped
+        step restores the cache with the rest of the strategy's state.
+        """
+        st = self._mtl
+        strategy = st.weighting
+        shared_vars = st.info["shared_vars"]
+        last = strategy.last_combination
+        every = ops.cast(strategy.update_every, self.optimizer.iterations.dtype)
+        due = ops.equal(self.optimizer.iterations % every, 0)
+        size = sum(int(np.prod(v.shape)) for v in shared_vars)
+        local = tf.cond(
+            due,
+            lambda: task_grads.matrix(shared_vars),
+            lambda: tf.zeros((len(st.task_names), size), "float32"),
+        )
+        flat = self._global_task_matrix(local, true_scale)
+
+        def recompute():
+            shared_coef, head_coef, grads = self._combined_from_matrix(
+                flat, combine, factor
+            )
+            return [shared_coef, head_coef] + grads
+
+        def reuse():
+            coef = ops.copy(last)
+            return [coef[0], coef[1]] + list(task_grads.weighted(coef[0], shared_vars))
+
+        out = tf.cond(due, recompute, reuse)
+        shared_coef, head_coef, shared_grads = out[0], out[1], out[2:]
+        last.assign(ops.stack([shared_coef, head_coef]))
+        return shared_coef, head_coef, shared_grads
+
+    def _step_gradients(self, task_grads, shared_grads, head_coef, scaled_reg):
+        """The optimizer's gradients, in ``train_vars`` order.
+
+        Shared variables get ``shared_grads``; each head gets its own task's
+        gradient times the task's head coefficient; the regularisation losses'
+        gradients are added to every variable.
+        """
+        st = self._mtl
+        shared_vars = st.info["shared_vars"]
+        grads = {id(v): g for v, g in zip(shared_vars, shared_grads, strict=True)}
+        head_vars = [st.info["head_vars"][t] for t in st.task_names]
+        for i, g_task in enumerate(task_grads.heads()):
+            for v, g in zip(head_vars[i], g_task, strict=True):
+                grads[id(v)] = head_coef[i] * g
+        if self.losses:
+            reg_grads = task_grads.tape.gradient(
+                scaled_reg,
+                _raw(st.train_vars),
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
-            rows.append(self._flatten(grads))
-        return ops.stack(rows)
+            for v, g in zip(st.train_vars, reg_grads, strict=True):
+                grads[id(v)] = grads[id(v)] + g
+        return [grads[id(v)] for v in st.train_vars]
 
-    @staticmethod
-    def _flatten(grads):
-        return ops.concatenate([ops.reshape(g, (-1,)) for g in grads], axis=0)
+    def _snapshot_strategy(self):
+        """Copy the strategy's state; ``restore(finite)`` puts it back unless
+        ``finite`` (a skipped step must not change GradNorm's weights, the
+        ``update_every`` cache, ...)."""
+        state = self._mtl.weighting.state_variables()
+        saved = [ops.copy(v) for v in state]
 
-    @staticmethod
-    def _unflatten(flat, variables):
-        out, start = [], 0
-        for v in variables:
-            size = int(np.prod(v.shape))
-            out.append(ops.reshape(flat[start : start + size], v.shape))
-            start += size
-        return out
+        def restore(finite):
+            for v, old in zip(state, saved, strict=True):
+                v.assign(ops.where(finite, v, old))
 
-    @staticmethod
-    def _flat_jacobian(tape, stacked, variables):
-        jac = tape.jacobian(
-            stacked,
-            _raw(variables),
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            experimental_use_pfor=True,
-        )
-        n = stacked.shape[0]
-        return ops.concatenate([ops.reshape(j, (n, -1)) for j in jac], axis=1)
+        return restore
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -1286,5 +1491,5 @@ class MultiTaskModel(keras.Model):
         with tf.GradientTape(persistent=True) as tape:
             outputs = self(x, training=False)
             losses = ops.stack(self._task_losses(y, outputs))
-        G = self._flat_jacobian(tape, losses, variables)
+        G = _flat_jacobian(tape, losses, variables)
         return G, losses
