@@ -7,12 +7,16 @@ used to give a silently wrong result, the reference is what correct handling giv
 training that skips a NaN step equals training without that batch.
 """
 
+import json
+import re
 import warnings
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
+from test_experiments import _InterruptAfterBatches
 from test_training import STRATEGIES, TASKS, scene_like_batch, tiny_model
 
 from mtl_utils import augment
@@ -26,6 +30,7 @@ from mtl_utils.data.scenes import (
     render_batch,
     render_scenes,
 )
+from mtl_utils.experiments import ExperimentConfig, Run
 from mtl_utils.losses import loss_for
 from mtl_utils.metrics import (
     TaskMetrics,
@@ -195,6 +200,9 @@ def test_a_bare_task_name_is_not_split_into_letters(scenes, call):
             make_dataset(scenes, "depth")
         else:
             scene_tasks("depth")
+
+
+# ----------------------------------------------------------------------- scenes
 
 
 @pytest.mark.parametrize("n", [MAX_OBJECTS + 1, MAX_OBJECTS + 2])
@@ -381,3 +389,122 @@ def test_a_gram_matrix_of_another_size_is_refused_before_the_state_changes(name)
         strategy.combine_gradients(gram, np.ones(2, "float32"))
     for v, b in zip(strategy.state_variables(), before, strict=True):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+
+
+# ------------------------------------------------------------------ experiments
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: Run("hard_sharing", "pcgard", 0, 1e-3),
+            r"unknown strategy 'pcgard'.*'pcgrad'",
+        ),
+        # weighting.get would take it, but the runner seeds only 'pcgrad'
+        (lambda: Run("mtan", "PCGrad", 0, 1e-3), r"unknown strategy 'PCGrad'"),
+        (
+            lambda: Run("mtan", "equal", -1, 1e-3),
+            r"seed is -1; expected .*0\.\.4294967295",
+        ),
+        (lambda: Run("mtan", "equal", 2**32, 1e-3), r"seed is 4294967296; expected"),
+        (
+            lambda: Run("mtan", "equal", 0, float("inf")),
+            r"learning_rate must be a finite number > 0; received inf",
+        ),
+        (
+            lambda: ExperimentConfig(image_size=48),
+            r"image_size is 48; expected a positive multiple of 32",
+        ),
+        (lambda: ExperimentConfig(image_size=0), r"image_size is 0; expected"),
+        (lambda: ExperimentConfig(data_seed=-3), r"data_seed is -3; expected"),
+    ],
+    ids=[
+        "strategy",
+        "strategy-case",
+        "seed",
+        "seed-big",
+        "lr-inf",
+        "size-48",
+        "size-0",
+        "data-seed",
+    ],
+)
+def test_runs_and_configs_are_refused_at_construction_not_when_the_run_trains(
+    make, message
+):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_zero_baseline_leaves_the_experiment_writing_its_table(tmp_path):
+    """Serious case 2: a single-task count accuracy of exactly 0 used to make every
+    rerun train one more run and then fail writing ``results.csv``."""
+    from mtl_utils.experiments import experiment_tasks, run_experiments, write_report
+
+    runs = [Run("single_task", "none", 0, 1e-3), Run("hard_sharing", "equal", 0, 1e-3)]
+    config = ExperimentConfig(
+        runs=runs,
+        tasks=("depth", "count"),
+        num_train=8, num_val=4, num_test=4, image_size=32,
+        encoder="vgg11", width=0.0625, batch_norm=False, epochs=1, batch_size=4,
+    )  # fmt: skip
+    # the single-task run, already finished: count accuracy exactly 0
+    baseline = {"depth": {"abs_err": 1.0, "rel_err": 0.5}, "count": {"accuracy": 0.0}}
+    for task in experiment_tasks(config):  # every metric the runs report
+        assert set(task.metrics) == set(baseline[task.name])
+    row = {"architecture": "single_task", "strategy": "none", "seed": 0}
+    row.update(learning_rate=1e-3, epochs=1)
+    for prefix in ("", "val/"):
+        for task, metrics in baseline.items():
+            row.update({f"{prefix}{task}/{m}": v for m, v in metrics.items()})
+    (tmp_path / "results.json").write_text(
+        json.dumps({"setting": config.setting(), "runs": [row]})
+    )
+    with pytest.warns(RuntimeWarning, match=r"baseline count/accuracy is 0.*NaN"):
+        table = run_experiments(config, tmp_path, verbose=0)  # trains hard_sharing
+    written = pd.read_csv(tmp_path / "results.csv")
+    assert list(written["architecture"]) == ["single_task", "hard_sharing"]
+    multi = written.iloc[1]
+    assert np.isnan(multi["delta_m"]) and np.isnan(multi["delta_count"])
+    # the depth column is still the closed form: mean relative error change, in %
+    expected = np.mean(
+        [(multi[f"depth/{m}"] - b) / b * 100 for m, b in baseline["depth"].items()]
+    )
+    assert multi["delta_depth"] == pytest.approx(expected, rel=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        summary = write_report(table, tmp_path)
+    assert (tmp_path / "summary.csv").exists() and len(summary) == 2
+
+
+def test_an_interrupted_run_is_not_resumed_under_another_setting_or_from_a_bad_file(
+    tmp_path,
+):
+    """Serious case 4: a checkpoint left by an interrupted run used to be resumed
+    under another data_seed, and a corrupt one raised a bare BadZipFile."""
+    import dataclasses
+
+    from mtl_utils.experiments import run_experiments
+
+    config = ExperimentConfig(
+        runs=[Run("hard_sharing", "equal", 0, 1e-3)], tasks=("depth",),
+        num_train=8, num_val=4, num_test=4, image_size=32,
+        encoder="vgg11", width=0.0625, batch_norm=False, epochs=2, batch_size=4,
+    )  # fmt: skip
+    stop = _InterruptAfterBatches(3)  # in epoch 2, after epoch 1's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run_experiments(config, tmp_path, verbose=0, callbacks=[stop])
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.npz")
+    assert not (tmp_path / "results.json").exists()  # nothing else tells the setting
+
+    other = dataclasses.replace(config, data_seed=1)
+    refused = r"belongs to another run or setting \(differing: \['setting'\]"
+    with pytest.raises(ValueError, match=refused):
+        run_experiments(other, tmp_path, verbose=0)
+
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    name = re.escape(str(checkpoint))
+    unreadable = rf"checkpoint {name} is unreadable.*delete it.*--restart"
+    with pytest.raises(ValueError, match=unreadable):
+        run_experiments(config, tmp_path, verbose=0)

@@ -318,3 +318,12 @@ def test_runs_and_configs_reject_bad_values_naming_the_problem():
         ExperimentConfig(schedule="random")
     with pytest.raises(ValueError, match="'count'"):
         ExperimentConfig(tasks=("depth",), missing={"count": 0.5})
+
+
+def test_runs_accept_exactly_the_strategy_names_of_weighting_get():
+    from mtl_utils import weighting
+    from mtl_utils.experiments.config import STRATEGIES
+
+    assert sorted(STRATEGIES) == sorted(weighting._BY_NAME)
+    for name in STRATEGIES:
+        assert Run("hard_sharing", name, 0, 1e-3).strategy == name
