@@ -10,11 +10,15 @@ printed is the median over rounds of (strategy time / equal-weighting time of th
 same round), for wall-clock time and for the process's CPU time (all threads;
 less disturbed by other jobs on a shared machine). It asserts nothing about time.
 
-Goals (issue 3): loss-based <= 1.03x; last-layer or representation-gradient
-methods (GradNorm, MGDA-UB) <= 1.10x; full per-task-gradient methods (PCGrad,
-MGDA, CAGrad, IMTL, Nash-MTL, Aligned-MTL) <= 1.6x. The last group recomputes the
-per-task gradients only every second step (``update_every=2``) and reuses the
-coefficients in between.
+Goals: loss-based <= 1.03x; last-layer or representation-gradient methods
+(GradNorm, MGDA-UB) <= 1.10x (issue 3). Full per-task-gradient methods (PCGrad,
+MGDA, CAGrad, IMTL, Nash-MTL, Aligned-MTL; issue 14): at or below the multiply-add
+floor below (``/ floor`` <= 1.00 with both kernel sets), and no slower relative
+to equal weighting than the same method in LibMTL on the same architecture
+(column ``LibMTL``: PCGrad 2.90x, MGDA 3.29x, CAGrad 3.00x, measured with PyTorch
+2.13 CPU on 2 threads on a quiet machine; 5-6x under load). The last group
+recomputes the per-task gradients only every second step (``update_every=2``) and
+reuses the coefficients in between.
 
 ``--decoder unet`` (the default of ``build_multitask``) hands the heads six
 encoder tensors (five skips and ``block5_pool``), ``--decoder plain`` one; either
@@ -91,7 +95,7 @@ GROUPS = {
         "gradnorm": W.GradNorm,
         "mgda_ub": lambda: W.MGDA(upper_bound=True),
     },
-    "full per-task gradients (goal <= 1.6x)": {
+    "full per-task gradients (goal: <= floor, <= LibMTL)": {
         "pcgrad": lambda: W.PCGrad(seed=0),
         "mgda": W.MGDA,
         "cagrad": W.CAGrad,
@@ -99,13 +103,17 @@ GROUPS = {
         "nash_mtl": W.NashMTL,
         "aligned_mtl": W.AlignedMTL,
     },
-    "the same, recomputed every 2nd step (update_every=2; goal <= 1.6x)": {
+    "the same, recomputed every 2nd step (update_every=2)": {
         "pcgrad/2": lambda: W.PCGrad(seed=0, update_every=2),
         "mgda/2": lambda: W.MGDA(update_every=2),
         "cagrad/2": lambda: W.CAGrad(update_every=2),
         "nash_mtl/2": lambda: W.NashMTL(update_every=2),
     },
 }
+
+# LibMTL's step time over its equal-weighting step, same architecture (issue 14).
+LIBMTL = {"pcgrad": 2.90, "mgda": 3.29, "cagrad": 3.00}
+EXACT = "full per-task"
 
 
 def _batch(tasks, batch_size: int, size: int):
@@ -203,18 +211,22 @@ def run(args: argparse.Namespace, decoder: str) -> None:
         f"rounds x {args.steps} steps"
     )
     head = f"{'strategy':14s} {'wall ms':>8s} {'vs equal':>9s}"
-    print(f"{head} {'CPU ms':>8s} {'vs equal':>9s}")
+    print(f"{head} {'CPU ms':>8s} {'vs equal':>9s} {'/ floor':>8s} {'LibMTL':>7s}")
     for title, group in GROUPS.items():
         print(f"-- {title}")
         for name in group:
             if name not in wall:
                 continue
-            cells = []
+            cells, ratios = [], []
             for times in (wall, cpu):
                 pairs = zip(times[name], times["equal"], strict=True)
-                ratio = statistics.median(t / b for t, b in pairs)
+                ratios.append(statistics.median(t / b for t, b in pairs))
                 ms = 1000 * statistics.median(times[name])
-                cells.append(f"{ms:8.1f} {ratio:8.2f}x")
+                cells.append(f"{ms:8.1f} {ratios[-1]:8.2f}x")
+            if title.startswith(EXACT):  # the wall-clock ratio over the floor
+                cells.append(f"{ratios[0] / floor:8.2f}")
+                if name in LIBMTL:
+                    cells.append(f"{LIBMTL[name]:6.2f}x")
             print(f"{name:14s} {' '.join(cells)}")
     print(
         f"multiply-add floor of exact per-task gradients: {floor:.2f}x "
