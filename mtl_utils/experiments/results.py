@@ -571,7 +571,8 @@ def format_delta_table(table, columns: Sequence[str] | None = None, digits: int 
     """:func:`delta_table` as text: ``"mean [low, high]"`` per column, in %.
 
     Rows are labelled ``"architecture / strategy"``; the learning rate column
-    reads "tuned per task" for the single-task networks.
+    reads "tuned per task" for the single-task networks; ``seeds`` counts the
+    seeds behind each row.
     """
     import pandas as pd
 
@@ -588,7 +589,8 @@ def format_delta_table(table, columns: Sequence[str] | None = None, digits: int 
     out = {
         "learning rate": [
             ("tuned per task" if np.isnan(lr) else f"{lr:g}") for lr in rates
-        ]
+        ],
+        "seeds": table[("seeds", "n")].astype(int).tolist(),
     }
     for c in columns:
         name = "Δm" if c == "delta_m" else "Δ " + c.removeprefix("delta_")
@@ -650,5 +652,7 @@ def paired_differences(
         records,
         index=pd.MultiIndex.from_tuples(index, names=["architecture", "strategy"]),
     )
+    wanted = [(c, k) for c in columns for k in ("mean", "low", "high", "sd")]
+    out = out.reindex(columns=[("seeds", "n"), *wanted])  # also when no method
     out.columns = pd.MultiIndex.from_tuples(out.columns)
     return out
