@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 export TF_ENABLE_ONEDNN_OPTS := 0
 export KERAS_BACKEND := tensorflow
 
-.PHONY: book test lint bench clean setup-cells
+.PHONY: book browser-check test lint bench clean setup-cells
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ $(STAMP): requirements.txt pyproject.toml
 
 book: $(STAMP)
 	$(BIN)/jupyter-book build . -W --keep-going
+
+# The built site (run `make book` first) read page by page in headless Chromium at
+# 1366 and 390 px: links, images, math, raw markup, lost text, overflow, figures,
+# search, external requests; screenshots go to _build/screenshots/. Debian's chromium
+# and chromium-driver are installed when missing (as root, or through sudo).
+browser-check: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+	$(BIN)/python .ci/browser_check.py _build/html
 
 test: $(STAMP)
 	$(BIN)/ruff check .
