@@ -34,10 +34,21 @@ def setting_differences(wanted: Mapping, recorded: Mapping) -> dict[str, tuple]:
     }
 
 
+def _read_json(path: Path) -> dict:
+    """A results file, or a ``ValueError`` naming it and the way out."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"results file {path} is not valid JSON ({err}); restore it from git, "
+            "or delete it (with --restart / restart=True the runs are trained again)"
+        ) from err
+
+
 def _read_results(path: Path, config: ExperimentConfig) -> dict[str, dict]:
     if not path.exists():
         return {}
-    stored = json.loads(path.read_text())
+    stored = _read_json(path)
     differ = sorted(setting_differences(config.setting(), stored.get("setting", {})))
     if differ:
         raise ValueError(
@@ -127,7 +138,7 @@ def load_results(path: str | os.PathLike):
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_JSON
-    stored = json.loads(path.read_text())
+    stored = _read_json(path)
     return pd.DataFrame(stored["runs"]), stored["setting"]
 
 
