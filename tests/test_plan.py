@@ -39,8 +39,9 @@ def _id(run: Run) -> dict:
     }
 
 
-def test_the_reference_plan_loads_and_asks_for_the_issues_protocol():
-    plan = load_plan(REFERENCE)
+@pytest.mark.parametrize("name", ["reference", "reference32"])
+def test_the_reference_plan_loads_and_asks_for_the_issues_protocol(name):
+    plan = load_plan(REFERENCE.with_name(f"{name}.json"))
     first = stage_runs(plan, 1, {})
     assert len(plan.seeds) >= 5 and len(plan.learning_rates) >= 3
     # single-task networks and equal weighting share the full rate grid
@@ -49,6 +50,11 @@ def test_the_reference_plan_loads_and_asks_for_the_issues_protocol():
         assert rates == set(plan.learning_rates), arch
     wanted = {"uncertainty", "dwa", "gradnorm", "pcgrad", "cagrad", "nash_mtl"}
     assert wanted <= {s for _, s in plan.around_tuned_equal}
+    assert ("mtan", "equal") in plan.around_tuned_equal  # chapter 6
+    # the candidate successor changes only the length and the schedule
+    base = load_plan(REFERENCE).setting
+    differ = {k for k in base if base[k] != plan.setting[k]}
+    assert differ <= {"epochs", "lr_schedule"}
 
 
 def test_results_made_with_another_setting_are_refused_naming_the_field(tmp_path):
@@ -458,3 +464,11 @@ def test_the_result_figures_draw_every_method_and_curve():
     with pytest.raises(ValueError, match="no history entry 'loss'"):
         history_curves(ew, "loss")
     plt.close("all")
+
+
+def test_a_corrupted_results_file_is_named_with_the_way_out(tmp_path):
+    from mtl_utils.experiments import load_results
+
+    (tmp_path / "results.json").write_text('{"setting": {"tasks": [')  # cut short
+    with pytest.raises(ValueError, match=r"results\.json is not valid JSON.*restore"):
+        load_results(tmp_path)
