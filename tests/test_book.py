@@ -217,7 +217,7 @@ def test_colab_check_ignores_the_setup_cell_but_no_other():
 
 
 # Chapters whose problem-size cell does not state its costs yet.
-COSTS_PENDING = {"05_training_strategies.ipynb", "06_vgg_multihead.ipynb"}
+COSTS_PENDING: set[str] = set()
 
 
 @pytest.mark.parametrize(
