@@ -22,8 +22,10 @@ if [ ! -f "$STAMP" ] || [ "$REQ" -nt "$STAMP" ]; then
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"
     "$BIN/python" -m pip install --quiet --upgrade pip
-    "$BIN/python" -m pip install --quiet -r "$REQ" \
-        ${COLAB_KERAS:+"keras==$COLAB_KERAS"}
+    # with COLAB_KERAS, that Keras replaces the pinned one
+    grep -v "^keras==" "$REQ" > "$VENV/requirements.txt"
+    "$BIN/python" -m pip install --quiet -r "$VENV/requirements.txt" \
+        "keras==${COLAB_KERAS:-$(sed -n 's/^keras==//p' "$REQ")}"
     touch "$STAMP"
 fi
 echo "colab stack: environment ready after $((SECONDS - start)) s"
