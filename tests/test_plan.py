@@ -193,9 +193,33 @@ RESULTS = REFERENCE.parents[1] / "results" / "reference"
 REPRODUCE = """
 import json, sys
 from mtl_utils.experiments.plan import reproduce_run
-old, new = reproduce_run(sys.argv[1], sys.argv[2], sys.argv[3], part=sys.argv[4])
+plan, results, key, part, epochs = sys.argv[1:]
+old, new = reproduce_run(
+    plan, results, key, part=part or None, epochs=int(epochs) or None
+)
 print(json.dumps({"old": old, "new": new}))
 """
+
+
+def _reproduce(plan_file, results_dir, key: str, part="", epochs=0) -> dict:
+    """``reproduce_run`` in a fresh process (the plan's threads and kernels are
+    read when TensorFlow starts): ``{"old": recorded, "new": retrained}``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # the plan sets it
+    args = [str(plan_file), str(results_dir), key, part, str(epochs)]
+    done = subprocess.run(
+        [sys.executable, "-c", REPRODUCE, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_a_committed_reference_run_is_reproduced_bit_for_bit(tmp_path):
@@ -206,22 +230,8 @@ def test_a_committed_reference_run_is_reproduced_bit_for_bit(tmp_path):
     single-task run; its test and validation metrics must equal the committed
     ones exactly (one thread makes a CPU run deterministic).
     """
-    import os
-    import subprocess
-    import sys
-
     key, part = "single_task/none/seed=1/lr=0.001", "depth"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # the plan sets it
-    done = subprocess.run(
-        [sys.executable, "-c", REPRODUCE, str(REFERENCE), str(RESULTS), key, part],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = _reproduce(REFERENCE, RESULTS, key, part)
     assert sorted(found["old"]) == sorted(found["new"])
     assert len(found["old"]) == 4  # depth: abs and rel error, test and validation
     assert found["new"] == found["old"]
@@ -357,32 +367,9 @@ def test_a_tiny_plan_runs_and_its_shown_networks_are_retrained_identically(tmp_p
 def _check_first_epoch(plan_file, results_dir, key: str) -> None:
     """Retrain a recorded multi-task run's first epoch in a fresh process; its
     nine validation metrics must equal the recorded ones exactly."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # the plan sets it
-    done = subprocess.run(
-        [sys.executable, "-c", REPRODUCE_FIRST, str(plan_file), str(results_dir), key],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = _reproduce(plan_file, results_dir, key, epochs=1)
     assert len(found["old"]) == 9  # every validation metric of the three tasks
     assert found["new"] == found["old"]
-
-
-REPRODUCE_FIRST = """
-import json, os, sys
-os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
-from mtl_utils.experiments.plan import reproduce_run
-old, new = reproduce_run(sys.argv[1], sys.argv[2], sys.argv[3], epochs=1)
-print(json.dumps({"old": old, "new": new}))
-"""
 
 
 def test_the_delta_table_gives_each_method_at_its_tuned_rate_with_t_intervals():
