@@ -3,7 +3,8 @@
 Every chapter starts with the same code cell: it installs ``mtl_utils`` from the
 book's repository when it is missing (Colab), says what to set when that fails,
 sets TensorFlow's variables before TensorFlow is imported, imports Keras with
-TensorFlow's C++ start-up messages captured, and seeds. The repository URL lives in
+TensorFlow's C++ start-up messages captured, seeds, and asks for high-resolution
+figures. The repository URL lives in
 one place, ``repository.url`` in ``_config.yml``; ``make setup-cells`` (this script)
 copies it into the chapters, and ``tests/test_book.py`` checks that they agree.
 
@@ -43,12 +44,13 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 
-from mtl_utils.book import quiet_stderr
+from mtl_utils.book import quiet_stderr, sharp_figures
 
 with quiet_stderr():  # TensorFlow's CUDA set-up messages, printed from C++
     import keras
 
-keras.utils.set_random_seed(0)"""
+keras.utils.set_random_seed(0)
+sharp_figures()  # high-resolution figures, shown at their normal size"""
 
 
 def repository_url() -> str:

@@ -109,3 +109,46 @@ def test_quiet_stderr_restores_the_descriptor():
         assert os.fstat(2).st_ino != before.st_ino
     after = os.fstat(2)
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_sharp_figures_in_a_kernel_gives_2x_pngs_shown_at_normal_size():
+    # Oracle: the PNG's own header (its pixel size) against the width/height
+    # metadata the book honours, and the figure size in inches times the DPI
+    # (the inline backend trims the white margin, so at most that).
+    import base64
+    import struct
+
+    import nbclient
+    import nbformat
+
+    code = textwrap.dedent(
+        """\
+        from mtl_utils.book import sharp_figures
+        sharp_figures()
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(4, 2.5))
+        ax.plot([0, 1], [1, 0])
+        plt.show()
+        """
+    )
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbclient.NotebookClient(nb, timeout=120).execute()
+    (image,) = [o for o in nb.cells[0].outputs if "image/png" in o.get("data", {})]
+    png = base64.b64decode(image["data"]["image/png"])
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    shown = image["metadata"]["image/png"]
+    assert 0.8 * 4 * book.FIGURE_DPI < shown["width"] <= 4 * book.FIGURE_DPI
+    assert 0.8 * 2.5 * book.FIGURE_DPI < shown["height"] <= 2.5 * book.FIGURE_DPI
+    assert (width, height) == (2 * shown["width"], 2 * shown["height"])
+
+
+def test_sharp_figures_outside_ipython_changes_nothing_but_the_dpi():
+    out = run_python(
+        "from mtl_utils.book import sharp_figures, FIGURE_DPI\n"
+        "import matplotlib\n"
+        "import matplotlib.pyplot as plt\n"
+        "sharp_figures()\n"
+        "print(matplotlib.rcParams['figure.dpi'] == FIGURE_DPI,"
+        " matplotlib.get_backend().lower())\n"
+    )
+    assert out.stdout.split() == ["True", "agg"], out.stderr
