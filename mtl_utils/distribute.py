@@ -4,7 +4,8 @@ Two things make a laptop (or a CI runner) behave like a small cluster:
 
 * :func:`configure_logical_cpus` splits the CPU into several *logical* devices,
   so that ``tf.distribute.MirroredStrategy`` has more than one replica to mirror
-  the model on. TensorFlow fixes its devices when it first runs an op, so this
+  the model on; :func:`local_devices` does the same with a single GPU (two
+  logical GPUs). TensorFlow fixes its devices when it first runs an op, so this
   must be called before any TensorFlow op (right after the imports).
 * :func:`launch_local_workers` starts several copies of a training script as
   separate processes on ``127.0.0.1``, each with the ``TF_CONFIG`` that
@@ -36,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
+    "GPU_SPLIT_MEMORY_MB",
     "configure_logical_cpus",
     "free_ports",
     "launch_local_workers",
@@ -43,6 +45,42 @@ __all__ = [
     "run_train_steps",
     "tf_config",
 ]
+
+
+#: Memory (MiB) of each of the two logical GPUs that :func:`local_devices` makes
+#: of a single physical GPU: two of them (12 GiB) fit the 15 GiB of a Colab T4
+#: with room for CUDA's own context.
+GPU_SPLIT_MEMORY_MB = 6144
+
+
+def _check_count(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _split_device(physical, configs: list, kind: str, caller: str) -> list[str]:
+    """Give ``physical`` the logical ``configs``; the logical ``kind`` names.
+
+    When TensorFlow has already initialised its devices, the configuration
+    cannot change: asking again for as many devices as exist is fine, asking
+    for another number raises a RuntimeError that says what to do.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.set_logical_device_configuration(physical, configs)
+    except RuntimeError:  # devices already initialised
+        current = tf.config.list_logical_devices(kind)
+        if len(current) != len(configs):
+            raise RuntimeError(
+                f"TensorFlow already initialised {len(current)} logical {kind} "
+                f"device(s); {len(configs)} were requested. Logical devices must "
+                "be configured before the first TensorFlow op: restart the "
+                f"process (kernel) and call {caller} right after importing keras"
+            ) from None
+    return [d.name for d in tf.config.list_logical_devices(kind)]
 
 
 def configure_logical_cpus(num_devices: int = 2) -> list[str]:
@@ -70,39 +108,59 @@ def configure_logical_cpus(num_devices: int = 2) -> list[str]:
         If TensorFlow has already initialised its devices with a different
         number of logical CPUs (restart the process and call this first).
     """
-    if isinstance(num_devices, bool) or not isinstance(num_devices, int):
-        raise ValueError(f"num_devices must be an int >= 1, got {num_devices!r}")
-    if num_devices < 1:
-        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    _check_count(num_devices, "num_devices")
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
-        )
-    except RuntimeError:  # devices already initialised
-        current = tf.config.list_logical_devices("CPU")
-        if len(current) != num_devices:
-            raise RuntimeError(
-                f"TensorFlow already initialised {len(current)} logical CPU "
-                f"device(s); {num_devices} were requested. Logical devices must "
-                "be configured before the first TensorFlow op: restart the "
-                "process (kernel) and call configure_logical_cpus right after "
-                "importing keras"
-            ) from None
-    return [d.name for d in tf.config.list_logical_devices("CPU")]
+    configs = [tf.config.LogicalDeviceConfiguration()] * num_devices
+    return _split_device(cpu, configs, "CPU", "configure_logical_cpus")
 
 
-def local_devices(num_cpu_devices: int = 2) -> list[str]:
-    """Devices for a ``MirroredStrategy`` on this machine: every GPU if there is
-    one, else ``num_cpu_devices`` logical CPUs (:func:`configure_logical_cpus`).
+def local_devices(
+    num_cpu_devices: int = 2, gpu_memory_limit: int = GPU_SPLIT_MEMORY_MB
+) -> list[str]:
+    """Devices for a ``MirroredStrategy`` on this machine, at least two.
+
+    * Several GPUs: all of them.
+    * One GPU: split into two *logical* GPUs of ``gpu_memory_limit`` MiB each
+      (``tf.config.set_logical_device_configuration``), so that a mirrored run
+      has two replicas to compare with one device. Like two logical CPUs, they
+      share one chip's compute: it tests what distribution computes, not speed.
+      TensorFlow needs a memory limit for each logical GPU; together they may
+      use no more than the GPU has.
+    * No GPU: ``num_cpu_devices`` logical CPUs (:func:`configure_logical_cpus`).
 
     Call it before any TensorFlow op, for the same reason.
+
+    Parameters
+    ----------
+    num_cpu_devices:
+        Number of logical CPUs when there is no GPU (>= 1).
+    gpu_memory_limit:
+        MiB of each of the two logical GPUs of a single GPU (>= 1); default
+        :data:`GPU_SPLIT_MEMORY_MB`.
+
+    Returns
+    -------
+    list of str
+        Logical device names, e.g. ``["/device:GPU:0", "/device:GPU:1"]``.
+
+    Raises
+    ------
+    ValueError
+        If a count or the memory limit is not a positive integer.
+    RuntimeError
+        If TensorFlow has already initialised another number of logical
+        devices (restart the process and call this first).
     """
+    _check_count(num_cpu_devices, "num_cpu_devices")
+    _check_count(gpu_memory_limit, "gpu_memory_limit")
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) == 1:
+        config = tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_limit)
+        return _split_device(gpus[0], [config] * 2, "GPU", "local_devices")
     if gpus:
         return [d.name for d in tf.config.list_logical_devices("GPU")]
     return configure_logical_cpus(num_cpu_devices)

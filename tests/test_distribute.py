@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -307,7 +308,111 @@ def test_logical_devices_cannot_change_after_tensorflow_started(mirrored):
     meta = load_case(mirrored, "devices")["meta"]
     assert meta["devices"] == ["/device:CPU:0", "/device:CPU:1"]
     assert meta["again"] == meta["devices"]
+    assert meta["local"] == meta["devices"]
     assert "before the first TensorFlow op" in meta["error_for_three"]
+
+
+class _FakeConfig:
+    """Stands in for ``tf.config`` on a machine with ``num_gpus`` physical GPUs
+    (and records the logical devices asked for), so that the GPU branches of
+    ``local_devices`` run without a GPU and without initialising TensorFlow."""
+
+    def __init__(self, num_gpus: int, initialised: int | None = None):
+        self.gpus = [f"PhysicalDevice:GPU:{i}" for i in range(num_gpus)]
+        self.requests = []
+        self.logical = initialised  # logical GPUs already fixed, or None
+        self.cpu_calls = []
+
+    def list_physical_devices(self, kind):
+        return list(self.gpus) if kind == "GPU" else ["PhysicalDevice:CPU:0"]
+
+    def set_logical_device_configuration(self, device, configs):
+        if self.logical is not None:  # TensorFlow's words
+            raise RuntimeError(
+                "Virtual devices cannot be modified after being initialized"
+            )
+        self.requests.append((device, list(configs)))
+        self.logical = len(configs)
+
+    def list_logical_devices(self, kind):
+        assert kind == "GPU"
+        n = len(self.gpus) if self.logical is None else self.logical
+        return [types.SimpleNamespace(name=f"/device:GPU:{i}") for i in range(n)]
+
+
+@pytest.fixture
+def fake_config(monkeypatch):
+    """``fake_config(num_gpus, initialised=None)`` installs a :class:`_FakeConfig`
+    in ``tf.config`` and a recording ``configure_logical_cpus``."""
+    import tensorflow as tf
+
+    import mtl_utils.distribute as distribute
+
+    def install(num_gpus, initialised=None):
+        fake = _FakeConfig(num_gpus, initialised)
+        for name in (
+            "list_physical_devices",
+            "set_logical_device_configuration",
+            "list_logical_devices",
+        ):
+            monkeypatch.setattr(tf.config, name, getattr(fake, name))
+
+        def cpus(n):
+            fake.cpu_calls.append(n)
+            return [f"/device:CPU:{i}" for i in range(n)]
+
+        monkeypatch.setattr(distribute, "configure_logical_cpus", cpus)
+        return fake
+
+    return install
+
+
+def test_one_gpu_is_split_into_two_logical_gpus_with_a_memory_limit(fake_config):
+    """TensorFlow's documented way to simulate several GPUs on one (its
+    distributed-training guide): ``set_logical_device_configuration`` with one
+    ``LogicalDeviceConfiguration(memory_limit=...)`` per logical GPU."""
+    import tensorflow as tf
+
+    from mtl_utils.distribute import GPU_SPLIT_MEMORY_MB, local_devices
+
+    fake = fake_config(num_gpus=1)
+    assert local_devices() == ["/device:GPU:0", "/device:GPU:1"]
+    limit = tf.config.LogicalDeviceConfiguration(memory_limit=GPU_SPLIT_MEMORY_MB)
+    assert fake.requests == [("PhysicalDevice:GPU:0", [limit, limit])]
+    assert GPU_SPLIT_MEMORY_MB * 2 <= 15 * 1024  # both fit a Colab T4
+    fake = fake_config(num_gpus=1)
+    local_devices(gpu_memory_limit=1024)
+    small = tf.config.LogicalDeviceConfiguration(memory_limit=1024)
+    assert fake.requests == [("PhysicalDevice:GPU:0", [small, small])]
+    assert fake.cpu_calls == []
+
+
+def test_several_gpus_are_all_used_as_they_are(fake_config):
+    from mtl_utils.distribute import local_devices
+
+    fake = fake_config(num_gpus=4)
+    assert local_devices() == [f"/device:GPU:{i}" for i in range(4)]
+    assert fake.requests == [] and fake.cpu_calls == []
+
+
+def test_without_a_gpu_local_devices_are_logical_cpus(fake_config):
+    from mtl_utils.distribute import local_devices
+
+    fake = fake_config(num_gpus=0)
+    assert local_devices(num_cpu_devices=3) == [f"/device:CPU:{i}" for i in range(3)]
+    assert fake.cpu_calls == [3] and fake.requests == []
+
+
+def test_a_gpu_split_after_tensorflow_started_keeps_two_or_says_to_restart(
+    fake_config,
+):
+    from mtl_utils.distribute import local_devices
+
+    fake_config(num_gpus=1, initialised=2)  # split already: the cell ran twice
+    assert local_devices() == ["/device:GPU:0", "/device:GPU:1"]
+    fake_config(num_gpus=1, initialised=1)  # an op ran before the split
+    with pytest.raises(RuntimeError, match="1 logical GPU device.*before the first"):
+        local_devices()
 
 
 def test_tf_config_is_what_tensorflows_cluster_resolver_reads(monkeypatch):
@@ -327,6 +432,7 @@ def test_distribute_helpers_reject_bad_input_naming_it():
         configure_logical_cpus,
         free_ports,
         launch_local_workers,
+        local_devices,
         tf_config,
     )
 
@@ -338,6 +444,8 @@ def test_distribute_helpers_reject_bad_input_naming_it():
         tf_config([], 0)
     with pytest.raises(ValueError, match="num_devices must be >= 1, got 0"):
         configure_logical_cpus(0)
+    with pytest.raises(ValueError, match="gpu_memory_limit must be >= 1, got 0"):
+        local_devices(gpu_memory_limit=0)
     with pytest.raises(ValueError, match="num_ports must be an int >= 1"):
         free_ports(0)
     with pytest.raises(ValueError, match="num_workers must be >= 1, got 0"):
@@ -468,12 +576,13 @@ def _fit_one_step(keras, tf, model, losses, weighting, x, y):
 
 def _mirrored_main(out: Path) -> None:
     keras, tf = _setup_tf(2)
-    from mtl_utils.distribute import configure_logical_cpus
+    from mtl_utils.distribute import configure_logical_cpus, local_devices
     from mtl_utils.losses import loss_for
     from mtl_utils.weighting import PCGrad
 
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     meta = {"num_vars": 0, "devices": devices, "again": configure_logical_cpus(2)}
+    meta["local"] = local_devices(num_cpu_devices=2)  # no GPU here: the CPUs
     try:
         configure_logical_cpus(3)
         meta["error_for_three"] = ""
