@@ -3,15 +3,19 @@
 import dataclasses
 import re
 
+import keras
 import numpy as np
 import pytest
+from test_segnet import REFERENCE_MTAN
 
+from mtl_utils.cost import count_params
 from mtl_utils.data.nyuv2 import (
     MTAN_NYUV2,
     NYUV2_SIZE,
     load_nyuv2,
     save_nyuv2_layout,
 )
+from mtl_utils.tasks import Task
 
 
 @pytest.fixture
@@ -171,3 +175,62 @@ def test_recipe_differences_name_each_changed_setting_with_both_values():
 def test_recipe_rejects_bad_settings_naming_them(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         dataclasses.replace(MTAN_NYUV2, **change)
+
+
+# The network and optimizer the recipe names. References: the parameter count of
+# the reference SegNet-MTAN (lorenmt/mtan, measured with torch; see
+# tests/test_segnet.py) and PyTorch's documented Adam defaults (torch.optim.Adam:
+# betas=(0.9, 0.999), eps=1e-8), which the reference code runs with.
+RECIPE_TASKS = [
+    Task("segmentation", "segmentation", 13),
+    Task("depth", "depth", 1),
+    Task("normal", "normal", 3),
+]
+
+
+def test_recipe_builds_the_reference_segnet_mtan():
+    model = MTAN_NYUV2.build_model(RECIPE_TASKS)
+    assert count_params(model, trainable_only=True) == REFERENCE_MTAN
+    assert sorted(model.output) == sorted(MTAN_NYUV2.tasks)
+    assert tuple(model.input.shape[1:]) == (288, 384, 3)
+
+
+def test_recipe_hard_sharing_follows_its_batch_norm_setting():
+    small = {"input_size": (32, 32), "width": 0.0625, "architecture": "hard_sharing"}
+    for batch_norm in (True, False):
+        recipe = dataclasses.replace(MTAN_NYUV2, batch_norm=batch_norm, **small)
+        model = recipe.build_model(RECIPE_TASKS)
+        norms = [
+            layer
+            for layer in model._flatten_layers()
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        assert bool(norms) == batch_norm
+        assert model.get_layer("encoder").get_layer("block5_conv3").filters == 32
+
+
+def test_recipe_optimizer_is_adam_with_pytorchs_defaults_and_step_lr():
+    optimizer = MTAN_NYUV2.make_optimizer(steps_per_epoch=4)
+    assert isinstance(optimizer, keras.optimizers.Adam)
+    assert (optimizer.beta_1, optimizer.beta_2, optimizer.epsilon) == (
+        0.9,
+        0.999,
+        1e-8,
+    )
+    schedule = optimizer._learning_rate
+    for step, expected in ((0, 1e-4), (399, 1e-4), (400, 5e-5), (799, 5e-5)):
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)
+    sgd = dataclasses.replace(MTAN_NYUV2, optimizer="sgd", epochs=2)
+    optimizer = sgd.make_optimizer(steps_per_epoch=4)
+    assert isinstance(optimizer, keras.optimizers.SGD)
+    assert float(optimizer.learning_rate) == pytest.approx(1e-4)
+
+
+def test_recipe_refuses_a_network_it_cannot_build_naming_why():
+    with pytest.raises(ValueError, match="batch_norm=False with architecture="):
+        dataclasses.replace(MTAN_NYUV2, batch_norm=False)
+    with pytest.raises(ValueError, match=r"expected the recipe's tasks"):
+        MTAN_NYUV2.build_model(RECIPE_TASKS[:2])
+    wrong = [Task("segmentation", "segmentation", 40), *RECIPE_TASKS[1:]]
+    with pytest.raises(ValueError, match="has 40 classes; expected the recipe's"):
+        MTAN_NYUV2.build_model(wrong)

@@ -18,10 +18,12 @@ refused rather than executed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from mtl_utils.tasks import Task
 from mtl_utils.validation import check_finite, check_image, check_labels
 
 NYUV2_SIZE = (288, 384)
@@ -176,7 +178,7 @@ def save_nyuv2_layout(arrays: dict[str, np.ndarray], root: str | Path, split: st
     return base
 
 
-#: Architectures a :class:`NYUv2Recipe` may name (builders in ``mtl_utils.models``).
+#: Architectures a :class:`NYUv2Recipe` may name (:meth:`NYUv2Recipe.build_model`).
 RECIPE_ARCHITECTURES = ("segnet_mtan", "segnet_split", "hard_sharing")
 
 
@@ -197,7 +199,9 @@ class NYUv2Recipe:
     ``mtl_utils.experiments.load_data`` does.
 
     Change a setting with ``dataclasses.replace(MTAN_NYUV2, ...)`` and list what
-    then differs from the paper with :meth:`differences`.
+    then differs from the paper with :meth:`differences`. :meth:`build_model`
+    and :meth:`make_optimizer` build the network and the optimizer the settings
+    name.
     """
 
     input_size: tuple[int, int] = NYUV2_SIZE
@@ -240,6 +244,12 @@ class NYUv2Recipe:
             )
         if len(self.input_size) != 2 or min(self.input_size) < 1:
             raise ValueError(f"input_size={self.input_size!r}; expected (H, W)")
+        if self.architecture.startswith("segnet") and not self.batch_norm:
+            raise ValueError(
+                f"batch_norm=False with architecture={self.architecture!r}: the "
+                "SegNet builders always normalise, as the reference; expected "
+                "batch_norm=True, or architecture='hard_sharing'"
+            )
 
     def learning_rate_at(self, epoch: int) -> float:
         """The rate of epoch ``epoch`` (0-based), as ``StepLR`` sets it."""
@@ -262,6 +272,62 @@ class NYUv2Recipe:
         if not boundaries:  # no decay within the run: a constant rate
             return values[0]
         return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+    def build_model(self, tasks: Sequence[Task]):
+        """The recipe's network for ``tasks`` on RGB images of ``input_size``.
+
+        ``"segnet_mtan"`` and ``"segnet_split"``:
+        :func:`mtl_utils.segnet.build_segnet_mtan` and
+        :func:`~mtl_utils.segnet.build_segnet_split` at ``width`` (batch
+        normalisation after every convolution, as the reference code);
+        ``"hard_sharing"``: :func:`mtl_utils.models.build_multitask` with a
+        VGG-16 encoder at ``width``, with batch normalisation if ``batch_norm``.
+
+        ``tasks`` must be the recipe's ``tasks`` (by name, in any order), with
+        ``num_classes`` channels for segmentation.
+        """
+        names = [getattr(t, "name", t) for t in tasks]
+        if sorted(names) != sorted(self.tasks):
+            raise ValueError(
+                f"tasks {names}; expected the recipe's tasks {list(self.tasks)}"
+            )
+        for t in tasks:
+            if t.kind == "segmentation" and t.channels != self.num_classes:
+                raise ValueError(
+                    f"task {t.name!r} has {t.channels} classes; expected the "
+                    f"recipe's num_classes={self.num_classes}"
+                )
+        shape = (*self.input_size, 3)
+        if self.architecture == "hard_sharing":
+            from mtl_utils.models import build_multitask
+
+            return build_multitask(
+                tasks, shape, "vgg16", width=self.width, batch_norm=self.batch_norm
+            )
+        from mtl_utils import segnet
+
+        build = getattr(segnet, f"build_{self.architecture}")
+        return build(tasks, shape, width=self.width)
+
+    def make_optimizer(self, steps_per_epoch: int):
+        """A fresh Keras optimizer ``optimizer`` with
+        :meth:`learning_rate_schedule`.
+
+        Adam has PyTorch's defaults, which the reference code runs with
+        (``beta_1=0.9``, ``beta_2=0.999``, ``epsilon=1e-8``; Keras' own default
+        epsilon is ``1e-7``); another name goes to ``keras.optimizers.get``
+        with Keras' defaults.
+        """
+        import keras
+
+        schedule = self.learning_rate_schedule(steps_per_epoch)
+        if self.optimizer == "adam":
+            return keras.optimizers.Adam(
+                schedule, beta_1=0.9, beta_2=0.999, epsilon=1e-8
+            )
+        return keras.optimizers.get(
+            {"class_name": self.optimizer, "config": {"learning_rate": schedule}}
+        )
 
     def differences(self, reference: NYUv2Recipe | None = None) -> dict:
         """``{setting: (this recipe's value, the reference's)}`` where they differ;
