@@ -429,23 +429,35 @@ def network_events(driver) -> tuple[list[str], list[str]]:
     return urls, failed
 
 
-def screenshot(driver, path: Path, width: int) -> None:
+#: JPEG holds at most 65,535 pixels a side: taller pages are shot in parts.
+SHOT_HEIGHT = 32_000
+
+
+def screenshot(driver, path: Path, width: int) -> list[Path]:
+    """Full-page screenshot: ``path``, then ``<stem>-part2`` ... for a tall page."""
     import base64
 
     height = driver.execute_script(
         "return Math.max(document.documentElement.scrollHeight,"
         " document.body.scrollHeight)"
     )
-    shot = driver.execute_cdp_cmd(
-        "Page.captureScreenshot",
-        {
-            "format": "jpeg",
-            "quality": 70,
-            "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
-        },
-    )
-    path.write_bytes(base64.b64decode(shot["data"]))
+    written = []
+    for k, top in enumerate(range(0, height, SHOT_HEIGHT), start=1):
+        clip = {"x": 0, "y": top, "width": width, "scale": 1}
+        clip["height"] = min(SHOT_HEIGHT, height - top)
+        shot = driver.execute_cdp_cmd(
+            "Page.captureScreenshot",
+            {
+                "format": "jpeg",
+                "quality": 70,
+                "captureBeyondViewport": True,
+                "clip": clip,
+            },
+        )
+        part = path if k == 1 else path.with_name(f"{path.stem}-part{k}{path.suffix}")
+        part.write_bytes(base64.b64decode(shot["data"]))
+        written.append(part)
+    return written
 
 
 def check_in_browser(driver, base: str, report: PageReport, shots: Path) -> None:
