@@ -227,7 +227,14 @@ def check_references(site: Path, page: str, soup: BeautifulSoup, report: PageRep
 
 
 def is_path_like(alt: str) -> bool:
-    return not alt.strip() or bool(re.search(r"[/\\]|\.(png|svg|jpe?g|gif)$", alt))
+    """Empty, a file name, or one word with a slash: not a description.
+
+    A sentence may hold a slash ("H/32 by W/32"); a path has no spaces.
+    """
+    alt = alt.strip()
+    if not alt or re.search(r"\.(png|svg|jpe?g|gif)$", alt, re.I):
+        return True
+    return " " not in alt and bool(re.search(r"[/\\]", alt))
 
 
 def check_figures(article, report: PageReport) -> tuple[int, int]:

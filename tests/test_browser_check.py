@@ -159,3 +159,18 @@ def test_references_report_missing_files_and_anchors(tmp_path):
         "a href='b.html': no such file",
         "img src='_images/none.png': no such file",
     ]
+
+
+@pytest.mark.parametrize(
+    ("alt", "path_like"),
+    [
+        ("../_images/c373541b07de.png", True),
+        ("figures/allreduce", True),
+        ("", True),
+        ("plot.SVG", True),
+        ("Feature maps of H/32 by W/32 cells, one per head", False),
+        ("Three falling loss curves", False),
+    ],
+)
+def test_alt_text_is_a_path_only_when_it_reads_like_one(alt, path_like):
+    assert browser_check.is_path_like(alt) is path_like
