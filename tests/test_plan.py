@@ -418,10 +418,10 @@ def test_the_delta_table_gives_each_method_at_its_tuned_rate_with_t_intervals():
     )
     assert ("hard_sharing", "pcgrad") in delta_table(table).index  # seeds=None
     text = format_delta_table(out, ["delta_depth"])
-    assert text.loc["hard_sharing / equal", "Δ depth (%)"] == (
-        f"{expected[0]:+.1f} [{expected[1]:+.1f}, {expected[2]:+.1f}]"
-    )
-    assert text.loc["single_task / none", "learning rate"] == "tuned per task"
+    half = expected[2] - expected[0]
+    assert half == pytest.approx(expected[0] - expected[1])  # symmetric
+    assert text.loc["HS / equal", "Δ depth (%)"] == f"{expected[0]:+.1f} ± {half:.1f}"
+    assert text.loc["single-task / none", "lr"] == "per task"
 
 
 def test_the_result_figures_draw_every_method_and_curve():

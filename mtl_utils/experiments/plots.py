@@ -91,7 +91,7 @@ def plot_tradeoff(table, tasks=("segmentation", "depth", "normal")):
     import matplotlib.pyplot as plt
 
     pairs = list(itertools.combinations(tasks, 2))
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4.2))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.4 * len(pairs), 3.6))
     axes = np.atleast_1d(axes)
     markers = itertools.cycle("osD^vP*Xh<>")
     styles = {key: next(markers) for key in table.index}

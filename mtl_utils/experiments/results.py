@@ -579,11 +579,13 @@ def delta_table(results, columns: Sequence[str] | None = None, seeds=None):
 
 
 def format_delta_table(table, columns: Sequence[str] | None = None, digits: int = 1):
-    """:func:`delta_table` as text: ``"mean [low, high]"`` per column, in %.
+    """:func:`delta_table` as text: ``"mean ± half-width"`` of the 95 % interval, in %.
 
-    Rows are labelled ``"architecture / strategy"``; the learning rate column
-    reads "tuned per task" for the single-task networks; ``seeds`` counts the
-    seeds behind each row.
+    The Student-t interval is symmetric about the mean, so ``"+3.2 ± 1.5"`` is
+    the interval [+1.7, +4.7]. Rows are labelled ``"architecture / strategy"``
+    (``hard_sharing`` shortened to ``HS``); the ``lr`` column reads "per task"
+    for the single-task networks, whose rates are tuned task by task; ``seeds``
+    counts the seeds behind each row.
     """
     import pandas as pd
 
@@ -593,20 +595,25 @@ def format_delta_table(table, columns: Sequence[str] | None = None, digits: int 
         )
 
     def cell(row, c):
-        mean, low, high = (row[(c, k)] for k in ("mean", "low", "high"))
-        return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+        mean, high = row[(c, "mean")], row[(c, "high")]
+        return f"{mean:+.{digits}f} ± {high - mean:.{digits}f}"
 
     rates = table[("learning_rate", "")]
     out = {
-        "learning rate": [
-            ("tuned per task" if np.isnan(lr) else f"{lr:g}") for lr in rates
-        ],
+        "lr": [("per task" if np.isnan(lr) else f"{lr:g}") for lr in rates],
         "seeds": table[("seeds", "n")].astype(int).tolist(),
     }
     for c in columns:
         name = "Δm" if c == "delta_m" else "Δ " + c.removeprefix("delta_")
         out[f"{name} (%)"] = [cell(row, c) for _, row in table.iterrows()]
-    return pd.DataFrame(out, index=[f"{a} / {s}" for a, s in table.index])
+    labels = [f"{_short(a)} / {s}" for a, s in table.index]
+    return pd.DataFrame(out, index=labels)
+
+
+def _short(architecture: str) -> str:
+    return {"hard_sharing": "HS", "single_task": "single-task"}.get(
+        architecture, architecture
+    )
 
 
 def paired_differences(
