@@ -164,6 +164,28 @@ def test_the_second_stage_uses_tuned_equal_weightings_rate_and_its_better_neighb
     assert len(second) == 2 * len(plan.around_tuned_equal) * len(plan.seeds)
 
 
+def test_updates_count_the_batches_tf_data_makes():
+    import dataclasses
+
+    import tensorflow as tf
+
+    from mtl_utils.experiments.config import ExperimentConfig
+
+    for num_train, batch in [(4096, 32), (100, 32), (32, 32), (33, 8)]:
+        batches = tf.data.Dataset.range(num_train).batch(batch).cardinality()
+        config = ExperimentConfig(num_train=num_train, batch_size=batch, epochs=3)
+        assert config.updates() == 3 * int(batches)
+        assert config.updates(num_tasks=3) == config.updates()  # joint: one batch
+        alternating = dataclasses.replace(config, schedule="alternating")
+        assert alternating.updates(num_tasks=3) == 3 * config.updates()
+    plan = load_plan(REFERENCE.with_name("reference4096.json"))
+    assert plan.updates() == 16 * 4096 // 32
+    with pytest.raises(ValueError, match="num_train is None.*pass num_images"):
+        ExperimentConfig(num_train=None).updates()
+    with pytest.raises(ValueError, match="num_tasks must be an integer >= 1"):
+        ExperimentConfig().updates(num_tasks=0)
+
+
 def test_the_cosine_schedule_equals_keras_cosine_decay():
     import keras
 

@@ -291,6 +291,32 @@ class ExperimentConfig:
                     f"missing[{task!r}] = {fraction!r}; expected a fraction in [0, 1]"
                 )
 
+    def updates(self, num_tasks: int = 1, num_images: int | None = None) -> int:
+        """Optimizer updates of one network over all epochs.
+
+        An epoch is ``ceil(num_images / batch_size)`` batches (the last one may
+        be short), times ``num_tasks`` with the alternating schedule, where
+        each batch carries one task. ``num_images`` defaults to ``num_train``.
+        """
+        num_images = self.num_train if num_images is None else num_images
+        if num_images is None:
+            raise ValueError(
+                "num_train is None (all NYUv2 images): pass num_images, the "
+                "number of training images, to count the updates"
+            )
+        if (
+            isinstance(num_tasks, bool)
+            or not isinstance(num_tasks, int)
+            or num_tasks < 1
+        ):
+            raise ValueError(
+                f"num_tasks must be an integer >= 1; received {num_tasks!r}"
+            )
+        per_epoch = math.ceil(num_images / self.batch_size)
+        if self.schedule == "alternating":
+            per_epoch *= num_tasks
+        return per_epoch * self.epochs
+
     def setting(self) -> dict[str, Any]:
         """Everything but ``runs``, as JSON-compatible values.
 

@@ -72,6 +72,11 @@ class Plan:
         """The :class:`ExperimentConfig` of the plan's setting with ``runs``."""
         return ExperimentConfig(runs=tuple(runs), **dict(self.setting))
 
+    def updates(self, num_tasks: int = 1) -> int:
+        """Optimizer updates of one network of ``num_tasks`` tasks over all
+        epochs (:meth:`ExperimentConfig.updates`)."""
+        return self.config().updates(num_tasks)
+
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and check a plan file; errors name the file and the bad field."""

@@ -307,11 +307,9 @@ class _Runner:
 
     def total_updates(self, tasks: Sequence[Task]) -> int:
         """Updates of one network over all epochs (the cosine schedule's length)."""
-        config = self.config
-        per_epoch = math.ceil(len(self.data["train"]["image"]) / config.batch_size)
-        if config.schedule == "alternating" and len(tasks) > 1:
-            per_epoch *= len(tasks)
-        return per_epoch * config.epochs
+        return self.config.updates(
+            len(tasks), num_images=len(self.data["train"]["image"])
+        )
 
     def evict(self, keep: Iterable[tuple]) -> None:
         keep = set(keep)
