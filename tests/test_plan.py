@@ -212,6 +212,9 @@ def test_the_cosine_schedule_equals_keras_cosine_decay():
 
 
 RESULTS = REFERENCE.parents[1] / "results" / "reference"
+# the plan and results the chapters show
+SHOWN = REFERENCE.with_name("reference4096.json")
+SHOWN_RESULTS = REFERENCE.parents[1] / "results" / SHOWN.stem
 REPRODUCE = """
 import json, sys
 from mtl_utils.experiments.plan import reproduce_run
@@ -252,8 +255,8 @@ def test_a_committed_reference_run_is_reproduced_bit_for_bit(tmp_path):
     single-task run; its test and validation metrics must equal the committed
     ones exactly (one thread makes a CPU run deterministic).
     """
-    key, part = "single_task/none/seed=1/lr=0.001", "depth"
-    found = _reproduce(REFERENCE, RESULTS, key, part)
+    key, part = "single_task/none/seed=0/lr=0.004", "depth"
+    found = _reproduce(SHOWN, SHOWN_RESULTS, key, part)
     assert sorted(found["old"]) == sorted(found["new"])
     assert len(found["old"]) == 4  # depth: abs and rel error, test and validation
     assert found["new"] == found["old"]
