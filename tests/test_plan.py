@@ -385,6 +385,26 @@ def test_a_tiny_plan_runs_and_its_shown_networks_are_retrained_identically(tmp_p
     recorded = rows[("hard_sharing", "equal", lr)]["depth/abs_err"]
     assert error == pytest.approx(recorded, rel=1e-5)
 
+    # run again, the command keeps the saved networks and retrains only those
+    # whose run changed (here: MTAN's key, edited as if its tuned rate had moved)
+    first = {k: saved[k] for k in saved.files}
+    np.savez(out / "predictions.npz", **{**first, "runs/mtan/all": np.array("old")})
+    again = subprocess.run(
+        command[:-1] + ["--predictions", "16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "kept the saved predictions of single_task" in again.stdout
+    assert "kept the saved predictions of hard_sharing" in again.stdout
+    assert "training mtan/equal/seed=0" in again.stdout
+    with np.load(out / "predictions.npz") as resaved:
+        assert sorted(resaved.files) == sorted(first)
+        for k in first:
+            np.testing.assert_array_equal(resaved[k], first[k], err_msg=k)
+
     pcgrad = next(k for k in rows if k[1] == "pcgrad")
     _check_first_epoch(plan_file, out, f"hard_sharing/pcgrad/seed=0/lr={pcgrad[2]:g}")
 

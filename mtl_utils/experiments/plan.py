@@ -441,12 +441,37 @@ def save_predictions(
     and targets (``image``, ``target/<task>``), each network's outputs
     (``<architecture>/<task>``) and, as ``metrics/<architecture>/<task>/<metric>``,
     the test metrics of the retrained networks, for comparison with the record.
+
+    An architecture whose networks an existing ``predictions.npz`` already
+    holds (the same runs, the same ``count``) is kept, not retrained, and the
+    file is written after each architecture: the command can run while the
+    grid is unfinished, and again when it ends, to retrain only what changed.
     """
     plan = load_plan(plan_path)
     out = Path(results_dir)
+    path = out / PREDICTIONS
     rows = _gather(plan, out)
+    old: dict[str, np.ndarray] = {}
+    if path.exists():
+        with np.load(path) as saved:
+            old = {k: saved[k] for k in saved.files}
+    if "image" in old and len(old["image"]) != count:
+        old = {}  # another number of test images: nothing can be kept
     arrays: dict[str, np.ndarray] = {}
     for arch, parts in shown_runs(plan, rows, seed).items():
+        names = {f"runs/{arch}/{part or 'all'}": run.key for run, part in parts}
+        if all(k in old and str(old[k]) == key for k, key in names.items()):
+            log(f"kept the saved predictions of {arch}")
+            arrays.update(
+                {
+                    k: v
+                    for k, v in old.items()
+                    if k in ("image",)
+                    or k.startswith(("target/", f"{arch}/", f"runs/{arch}/"))
+                    or k.startswith(f"metrics/{arch}/")
+                }
+            )
+            continue
         for run, part in parts:
             log(f"training {run.key}" + (f" ({part})" if part else ""))
             data, tasks, results = _train_again(plan, run, part)
@@ -469,7 +494,7 @@ def save_predictions(
                             for m, v in values.items()
                         }
                     )
-    path = out / PREDICTIONS
+        np.savez_compressed(path, **{**old, **arrays})  # progress so far
     np.savez_compressed(path, **arrays)
     log(f"wrote {path}")
     return path
