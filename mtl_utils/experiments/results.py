@@ -611,7 +611,7 @@ def format_delta_table(table, columns: Sequence[str] | None = None, digits: int 
 
 
 def _short(architecture: str) -> str:
-    return {"hard_sharing": "HS", "single_task": "single-task"}.get(
+    return {"hard_sharing": "HS", "single_task": "single-task", "mtan": "MTAN"}.get(
         architecture, architecture
     )
 
