@@ -503,6 +503,8 @@ def test_the_result_figures_draw_every_method_and_curve():
     assert curves.tolist() == [[2.0, 1.5, 1.1], [2.0, 1.5, 2.1]]
     ax = plot_curves({"EW": curves})
     assert ax.lines[0].get_ydata().tolist() == [2.0, 1.5, 1.6]
+    ax.set_xlim(1, 16)  # 16 epochs: matplotlib's default ticks would be 2.5, 5, ...
+    assert all(t == int(t) for t in ax.get_xticks())
     with pytest.raises(ValueError, match="no history entry 'loss'"):
         history_curves(ew, "loss")
     plt.close("all")

@@ -201,5 +201,6 @@ def plot_curves(curves, ax=None, title: str = "", ylabel: str = ""):
             )
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # no epoch 2.5
     ax.set_ylabel(ylabel)
     return ax
